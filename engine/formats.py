@@ -257,7 +257,7 @@ class QTensor:
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _table(name: str) -> np.ndarray:
     if name in _FP8_DTYPES:
         t = np.arange(256, dtype=np.uint8).view(_FP8_DTYPES[name]).astype(np.float32)
@@ -296,7 +296,9 @@ def decode_table(fmt: str) -> np.ndarray:
     name = _TABLE_ALIASES.get(fmt) if isinstance(fmt, str) else None
     if name is None:
         if fmt == "bf16":
-            raise FormatError("bf16 has no decode table; view the uint16 codes as ml_dtypes.bfloat16")
+            raise FormatError(
+                "bf16 has no decode table; view the uint16 codes as ml_dtypes.bfloat16"
+            )
         if fmt in BLOCK_SIZE:
             raise FormatError(
                 f"{fmt} has no single table; use decode_table('e2m1') for values and "
@@ -308,22 +310,25 @@ def decode_table(fmt: str) -> np.ndarray:
     return _table(name).copy()
 
 
-def _as_float32(x: np.ndarray, what: str, *, finite: bool) -> np.ndarray:
-    """``x`` as a float32 array; float64 inputs are rounded to float32 (RNE)."""
-    x = np.asarray(x)
+def _check_float(x: np.ndarray, what: str) -> None:
     if x.dtype not in (np.float32, np.float64, np.float16) and x.dtype != ml_dtypes.bfloat16:
         raise FormatError(f"{what} must be a float array (float32 or float64), got {x.dtype}")
-    if finite:
-        if not np.isfinite(x).all():
-            raise FormatError(f"{what} contains NaN or inf; pass finite values")
-        if x.dtype == np.float64 and x.size and float(np.abs(x).max()) > _F32_MAX:
-            raise FormatError(f"{what} exceeds the float32 range (3.4e38); rescale it")
+
+
+def _as_float32(x: np.ndarray, what: str) -> np.ndarray:
+    """``x`` as a float32 array (float64 rounded RNE); must be finite and in float32 range."""
+    _check_float(x, what)
+    if not np.isfinite(x).all():
+        raise FormatError(f"{what} contains NaN or inf; pass finite values")
+    if x.dtype == np.float64 and x.size and float(np.abs(x).max()) > _F32_MAX:
+        raise FormatError(f"{what} exceeds the float32 range (3.4e38); rescale it")
     return x.astype(np.float32, copy=False)
 
 
 def encode_bf16(x: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) of ``x``, RNE, overflow to +-inf (IEEE), via ml_dtypes."""
-    return np.asarray(x).astype(ml_dtypes.bfloat16).view(np.uint16)
+    with np.errstate(over="ignore"):
+        return np.asarray(x).astype(ml_dtypes.bfloat16).view(np.uint16)
 
 
 def encode_fp8(x: np.ndarray, fmt: str) -> np.ndarray:
@@ -456,9 +461,9 @@ def quantize(x: np.ndarray, fmt: str, *, scaling: str = "tensor") -> QTensor:
     n, k = arr.shape
     _check_k(fmt, k)
     if fmt == "bf16":
-        _as_float32(arr, "input", finite=False)  # dtype check only
+        _check_float(arr, "input")
         return QTensor(fmt, (n, k), encode_bf16(arr))
-    x32 = _as_float32(arr, "input", finite=True)
+    x32 = _as_float32(arr, "input")
     if fmt in _FP8_DTYPES:
         if scaling == "channel":
             amax = np.abs(x32).max(axis=1) if k else np.zeros(n, np.float32)
@@ -525,7 +530,7 @@ def _keep_and_add(bits: np.ndarray, keep: int, add: int) -> None:
         np.add(c, add_v, out=c)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bf16_unit_rms() -> float:
     """RMS of bf16 values 2**k * (1 + m/128), k in 0..3, m in 0..127, equally likely."""
     m = 1.0 + np.arange(128) / 128.0
@@ -546,14 +551,14 @@ def _fp8_random_keep_add(fmt: str) -> tuple[int, int]:
     return 0x80 | ((1 << (mb + 2)) - 1), _FP8_RANDOM_BASE_EXP[fmt] << mb
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fp8_random_rms(fmt: str) -> float:
     keep, add = _fp8_random_keep_add(fmt)
     codes = (np.arange(256, dtype=np.uint16) & keep) + add
     return float(np.sqrt(np.mean(np.square(_table(fmt)[codes.astype(np.uint8)].astype(float)))))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _nv_scale_rms() -> float:
     codes = ((np.arange(256) & _NV_SCALE_KEEP) + _NV_SCALE_ADD).astype(np.uint8)
     return float(np.sqrt(np.mean(np.square(_table("fp8_e4m3")[codes].astype(float)))))
@@ -571,8 +576,9 @@ def random_qtensor(
 
     * bf16: random sign and 7-bit mantissa, exponent one of 4 consecutive values chosen so
       the RMS is closest to ``std`` (magnitudes span 16x).
-    * fp8: random sign and mantissa, exponent one of the 4 largest finite exponents, per-tensor
-      float32 scale making the expected RMS exactly ``std``.
+    * fp8: random sign and mantissa, exponent one of the 4 just below the top one (E4M3
+      values 16..240, E5M2 4096..57344), per-tensor float32 scale making the expected RMS
+      exactly ``std``.
     * mxfp4: random bytes (every E2M1 code is valid); E8M0 block scales spread over 3
       consecutive exponents, centred so the RMS is closest to ``std``.
     * nvfp4: random bytes; E4M3 block scales with random mantissa and exponent 11..14
@@ -636,11 +642,11 @@ def fake_quantize_activation(x: np.ndarray, fmt: str) -> np.ndarray:
     if arr.ndim == 0:
         raise FormatError("activation must have at least one axis")
     if fmt == "bf16":
-        _as_float32(arr, "activation", finite=False)
-        return arr.astype(ml_dtypes.bfloat16).astype(np.float32)
+        _check_float(arr, "activation")
+        return encode_bf16(arr).view(ml_dtypes.bfloat16).astype(np.float32)
     k = arr.shape[-1]
     _check_k(fmt, k)
-    x32 = _as_float32(arr, "activation", finite=True)
+    x32 = _as_float32(arr, "activation")
     if fmt in _FP8_DTYPES:
         scale = _fp8_scale(np.abs(x32).max() if x32.size else np.float32(0), fmt).reshape(())
         codes = encode_fp8(x32 / scale, fmt)
@@ -659,9 +665,9 @@ def kv_encode(x: np.ndarray, fmt: str) -> tuple[np.ndarray, float]:
     _check_fmt(fmt, KV_FORMATS, "KV format")
     arr = np.asarray(x)
     if fmt == "bf16":
-        _as_float32(arr, "KV input", finite=False)
+        _check_float(arr, "KV input")
         return encode_bf16(arr), 1.0
-    x32 = _as_float32(arr, "KV input", finite=True)
+    x32 = _as_float32(arr, "KV input")
     scale = _fp8_scale(np.abs(x32).max() if x32.size else np.float32(0), fmt).reshape(())
     return encode_fp8(x32 / scale, fmt), float(scale)
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-WEIGHT_FORMATS = ("bf16", "fp8_e4m3", "fp8_e5m2", "mxfp4", "nvfp4")
-ACTIVATION_FORMATS = ("bf16", "fp8_e4m3", "fp8_e5m2", "mxfp4", "nvfp4")
-KV_FORMATS = ("bf16", "fp8_e4m3", "fp8_e5m2")
+from engine.formats import ACTIVATION_FORMATS, KV_FORMATS, WEIGHT_FORMATS
 
 # name -> (weight, activation, kv cache); a note says where each is deployed.
 PRESETS: dict[str, tuple[str, str, str, str]] = {
