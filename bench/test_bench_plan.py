@@ -22,5 +22,7 @@ def test_plan_64_batch_sizes_largest_preset(benchmark):
     ops = sum(len(p.ops) for p in plans)
     seconds = benchmark.stats.stats.mean
     benchmark.extra_info.update({"plans": len(plans), "ops": ops, "seconds": seconds})
-    print(f"\n64 plans of {spec.name}: {ops} ops in {seconds * 1e3:.1f} ms "
-          f"({seconds / ops * 1e6:.2f} us per op)")
+    print(
+        f"\n64 plans of {spec.name}: {ops} ops in {seconds * 1e3:.1f} ms "
+        f"({seconds / ops * 1e6:.2f} us per op)"
+    )

@@ -633,7 +633,9 @@ def random_qtensor(
 def fake_quantize_activation(x: np.ndarray, fmt: str) -> np.ndarray:
     """Round-trip ``x`` (any shape, float) through activation format ``fmt``; float32 result.
 
-    bf16: RNE; fp8: per-tensor dynamic scale ``amax / FP8_MAX``; mxfp4 / nvfp4: blocks of
+    bf16: RNE; fp8: a dynamic scale ``amax / FP8_MAX`` per row (per token: each vector
+    along the last axis), so that the result of a token does not depend on which other
+    tokens share the batch or the expert, as in deployed dynamic FP8; mxfp4 / nvfp4: blocks of
     32 / 16 along the last axis (which must divide), nvfp4 with one global scale over all of
     ``x``. Same numerics as :func:`quantize` followed by :func:`dequantize`.
     """
@@ -648,7 +650,8 @@ def fake_quantize_activation(x: np.ndarray, fmt: str) -> np.ndarray:
     _check_k(fmt, k)
     x32 = _as_float32(arr, "activation")
     if fmt in _FP8_DTYPES:
-        scale = _fp8_scale(np.abs(x32).max() if x32.size else np.float32(0), fmt).reshape(())
+        amax = np.abs(x32).max(axis=-1, keepdims=True) if x32.size else np.zeros_like(x32)
+        scale = _fp8_scale(amax, fmt)
         codes = encode_fp8(x32 / scale, fmt)
         return _table(fmt)[codes] * scale
     q = quantize(x32.reshape(-1, k), fmt)

@@ -53,7 +53,9 @@ def _concat(parts: list[StepWindows]) -> StepWindows:
         start_ns=np.concatenate([p.start_ns for p in parts]),
         end_ns=np.concatenate([p.end_ns for p in parts]),
         class_ns={
-            c: np.concatenate([p.class_ns.get(c, np.zeros(p.start_ns.size, np.int64)) for p in parts])
+            c: np.concatenate(
+                [p.class_ns.get(c, np.zeros(p.start_ns.size, np.int64)) for p in parts]
+            )
             for c in classes
         },
         other_ns=np.concatenate([p.other_ns for p in parts]),

@@ -212,8 +212,16 @@ class _Builder:
             )
         )
 
-    def elementwise(self, name: str, kind: str, layer: int, elems_in: float, elems_out: float,
-                    flops_per_elem: float, params: int = 0) -> None:
+    def elementwise(
+        self,
+        name: str,
+        kind: str,
+        layer: int,
+        elems_in: float,
+        elems_out: float,
+        flops_per_elem: float,
+        params: int = 0,
+    ) -> None:
         weight = params * NORM_BYTES_PER_ELEMENT
         self.ops.append(
             Op(
@@ -330,13 +338,20 @@ def build_plan(spec: ModelSpec, point: Point) -> Plan:
     )
 
 
-def _gqa_attention(b: _Builder, spec: ModelSpec, layer: int, heads: int, kv_heads: int,
-                   ctx: int, kv_b: float) -> int:
+def _gqa_attention(
+    b: _Builder, spec: ModelSpec, layer: int, heads: int, kv_heads: int, ctx: int, kv_b: float
+) -> int:
     """Append GQA attention ops; return this layer's KV-cache storage bytes."""
     batch, h, hd = b.batch, spec.hidden_size, spec.head_dim
     b.gemm("attn.qkv_proj", layer, (heads + 2 * kv_heads) * hd, h)
-    b.elementwise("attn.rope", "rope", layer, batch * (heads + kv_heads) * hd,
-                  batch * (heads + kv_heads) * hd, 3)
+    b.elementwise(
+        "attn.rope",
+        "rope",
+        layer,
+        batch * (heads + kv_heads) * hd,
+        batch * (heads + kv_heads) * hd,
+        3,
+    )
     span = ctx
     if spec.layer_attention_kind(layer) == "sliding" and spec.sliding_window:
         span = min(ctx, spec.sliding_window)
@@ -359,23 +374,36 @@ def _gqa_attention(b: _Builder, spec: ModelSpec, layer: int, heads: int, kv_head
     return int(batch * ctx * 2 * kv_heads * hd * kv_b)
 
 
-def _mla_attention(b: _Builder, spec: ModelSpec, layer: int, heads: int, ctx: int,
-                   kv_b: float) -> int:
+def _mla_attention(
+    b: _Builder, spec: ModelSpec, layer: int, heads: int, ctx: int, kv_b: float
+) -> int:
     """Append MLA ops in the absorbed decode form; return this layer's latent-cache bytes."""
     batch, h = b.batch, spec.hidden_size
-    nope, rope, rank, vdim = (spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.kv_lora_rank,
-                              spec.v_head_dim)
+    nope, rope, rank, vdim = (
+        spec.qk_nope_head_dim,
+        spec.qk_rope_head_dim,
+        spec.kv_lora_rank,
+        spec.v_head_dim,
+    )
     if spec.q_lora_rank:
         b.gemm("mla.q_a_proj", layer, spec.q_lora_rank, h)
-        b.elementwise("mla.q_a_norm", "norm", layer, batch * spec.q_lora_rank,
-                      batch * spec.q_lora_rank, 4, params=spec.q_lora_rank)
+        b.elementwise(
+            "mla.q_a_norm",
+            "norm",
+            layer,
+            batch * spec.q_lora_rank,
+            batch * spec.q_lora_rank,
+            4,
+            params=spec.q_lora_rank,
+        )
         b.gemm("mla.q_b_proj", layer, heads * (nope + rope), spec.q_lora_rank)
     else:
         b.gemm("mla.q_proj", layer, heads * (nope + rope), h)
     b.gemm("mla.kv_a_proj", layer, rank + rope, h)
     b.elementwise("mla.kv_a_norm", "norm", layer, batch * rank, batch * rank, 4, params=rank)
-    b.elementwise("mla.rope", "rope", layer, batch * (heads + 1) * rope, batch * (heads + 1) * rope,
-                  3)
+    b.elementwise(
+        "mla.rope", "rope", layer, batch * (heads + 1) * rope, batch * (heads + 1) * rope, 3
+    )
     # Absorb W_UK into the query and W_UV into the output: both halves of kv_b_proj.
     b.bgemm("mla.q_absorb", layer, heads, rank, nope)
     b.ops.append(
@@ -407,8 +435,14 @@ def _moe_ffn(b: _Builder, spec: ModelSpec, layer: int, pi, tp: int, point: Point
     pairs = batch * float(local.sum())
     inter = _shard(spec.moe_intermediate_size, tp, "moe_intermediate_size", spec)
     b.gemm("moe.router", layer, spec.num_experts, h, fmt="bf16")
-    b.elementwise("moe.topk", "router_topk", layer, batch * spec.num_experts,
-                  batch * spec.experts_per_token, 4)
+    b.elementwise(
+        "moe.topk",
+        "router_topk",
+        layer,
+        batch * spec.num_experts,
+        batch * spec.experts_per_token,
+        4,
+    )
     b.moe_gemm("moe.gate_up", layer, 2 * inter, h, experts_local, touched, pairs)
     b.elementwise("moe.swiglu", "act", layer, pairs * 2 * inter, pairs * inter, 5)
     b.moe_gemm("moe.down", layer, h, inter, experts_local, touched, pairs)

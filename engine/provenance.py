@@ -12,8 +12,16 @@ from pathlib import Path
 
 import engine
 
-LIBRARIES = ("numpy", "numba", "ml_dtypes", "nvidia-ml-py", "cupy-cuda12x", "cupy-cuda13x",
-             "nvmath-python", "mpi4py")
+LIBRARIES = (
+    "numpy",
+    "numba",
+    "ml_dtypes",
+    "nvidia-ml-py",
+    "cupy-cuda12x",
+    "cupy-cuda13x",
+    "nvmath-python",
+    "mpi4py",
+)
 
 
 @lru_cache(maxsize=1)
@@ -21,10 +29,22 @@ def git_commit() -> dict:
     """The engine checkout's commit and whether it had uncommitted changes, if it is one."""
     root = Path(engine.__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip() != ""
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            != ""
+        )
         return {"commit": commit, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}

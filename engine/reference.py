@@ -22,15 +22,21 @@ def _w(q: QTensor) -> np.ndarray:
 
 
 def _kv(codes: np.ndarray, fmt: str, scale: float) -> np.ndarray:
-    kinds = {"bf16": ml_dtypes.bfloat16, "fp8_e4m3": ml_dtypes.float8_e4m3fn,
-             "fp8_e5m2": ml_dtypes.float8_e5m2}
+    kinds = {
+        "bf16": ml_dtypes.bfloat16,
+        "fp8_e4m3": ml_dtypes.float8_e4m3fn,
+        "fp8_e5m2": ml_dtypes.float8_e5m2,
+    }
     return codes.view(kinds[fmt]).astype(np.float64) * scale
 
 
 def _encode(x: np.ndarray, fmt: str, scale: float) -> np.ndarray:
     """Round-trip a new KV entry through the cache format, as the cache stores it."""
-    kinds = {"bf16": ml_dtypes.bfloat16, "fp8_e4m3": ml_dtypes.float8_e4m3fn,
-             "fp8_e5m2": ml_dtypes.float8_e5m2}
+    kinds = {
+        "bf16": ml_dtypes.bfloat16,
+        "fp8_e4m3": ml_dtypes.float8_e4m3fn,
+        "fp8_e5m2": ml_dtypes.float8_e5m2,
+    }
     limits = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
     if fmt == "bf16":
         return x.astype(kinds[fmt]).astype(np.float64)
@@ -64,8 +70,9 @@ def _softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 class ReferenceStep:
     """The decode step in float64 over given weights and caches (caches are not modified)."""
 
-    def __init__(self, spec, point, head: dict, weights: dict[int, dict],
-                 caches: dict[int, KVCache]) -> None:
+    def __init__(
+        self, spec, point, head: dict, weights: dict[int, dict], caches: dict[int, KVCache]
+    ) -> None:
         self.spec, self.point = spec, point
         self.head, self.weights, self.caches = head, weights, caches
         self.act = point.precision.activation
@@ -145,8 +152,10 @@ class ReferenceStep:
         k_rope[:, pos] = _encode(k_rope_new, cache.fmt, cache.scale)
         w_uk = np.stack([_w(t) for t in w["mla.q_absorb"]])  # (H, rank, nope)
         q_latent = np.einsum("bhn,hrn->bhr", self._fq(q[:, :, :nope]), w_uk)
-        scores = (np.einsum("bhr,btr->bht", q_latent, latent[:, : pos + 1])
-                  + np.einsum("bhp,btp->bht", q_rope, k_rope[:, : pos + 1])) * (nope + rope) ** -0.5
+        scores = (
+            np.einsum("bhr,btr->bht", q_latent, latent[:, : pos + 1])
+            + np.einsum("bhp,btp->bht", q_rope, k_rope[:, : pos + 1])
+        ) * (nope + rope) ** -0.5
         out_latent = np.einsum("bht,btr->bhr", _softmax(scores), latent[:, : pos + 1])
         w_uv = np.stack([_w(t) for t in w["mla.v_up"]])  # (H, vdim, rank)
         values = np.einsum("bhr,hvr->bhv", self._fq(out_latent), w_uv)

@@ -80,7 +80,9 @@ class ResultStore:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ResultsError(f"cannot create output directory {self.dir}: {exc.strerror}") from None
+            raise ResultsError(
+                f"cannot create output directory {self.dir}: {exc.strerror}"
+            ) from None
         self.path = self.dir / RECORDS
         self.csv_path = self.dir / CSV
 

@@ -51,29 +51,49 @@ def _parser() -> argparse.ArgumentParser:
         description="Measure decode throughput, interactivity and (where a power source exists) "
         "energy per token over a grid of model x batch x context x precision.",
     )
-    p.add_argument("--model", default=DEFAULTS["model"],
-                   help="comma-separated preset names or spec files (.toml/.json); "
-                   f"default {DEFAULTS['model']}; --list-models shows presets")
+    p.add_argument(
+        "--model",
+        default=DEFAULTS["model"],
+        help="comma-separated preset names or spec files (.toml/.json); "
+        f"default {DEFAULTS['model']}; --list-models shows presets",
+    )
     p.add_argument("--batch", default=DEFAULTS["batch"], help="comma-separated batch sizes B")
-    p.add_argument("--context", default=DEFAULTS["context"],
-                   help="comma-separated context lengths L (tokens in the KV cache)")
-    p.add_argument("--precision", action="append", default=None,
-                   help=f"comma-separated presets ({', '.join(PRESETS)}), or one explicit "
-                   "w=FMT,a=FMT,kv=FMT; repeat the option for several explicit ones; "
-                   f"default {DEFAULTS['precision']}")
-    p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="auto picks cuda when a GPU and CuPy are present, else cpu")
-    p.add_argument("--warmup", type=float, default=DEFAULTS["warmup"],
-                   help="warm-up seconds per point")
-    p.add_argument("--duration", type=float, default=DEFAULTS["duration"],
-                   help="timed seconds per point")
+    p.add_argument(
+        "--context",
+        default=DEFAULTS["context"],
+        help="comma-separated context lengths L (tokens in the KV cache)",
+    )
+    p.add_argument(
+        "--precision",
+        action="append",
+        default=None,
+        help=f"comma-separated presets ({', '.join(PRESETS)}), or one explicit "
+        "w=FMT,a=FMT,kv=FMT; repeat the option for several explicit ones; "
+        f"default {DEFAULTS['precision']}",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="auto picks cuda when a GPU and CuPy are present, else cpu",
+    )
+    p.add_argument(
+        "--warmup", type=float, default=DEFAULTS["warmup"], help="warm-up seconds per point"
+    )
+    p.add_argument(
+        "--duration", type=float, default=DEFAULTS["duration"], help="timed seconds per point"
+    )
     p.add_argument("--min-steps", type=int, default=3, help="at least this many timed steps")
     p.add_argument("--out", default=DEFAULTS["out"], help="output directory (resumed if it exists)")
-    p.add_argument("--memory-gb", type=float, default=None,
-                   help="memory for a point's weights and KV cache; layers beyond it are not "
-                   "run and the step time is scaled from the distinct layers that were "
-                   f"(default: {DEFAULTS['cpu_memory_gb']:g} GB on the cpu backend, the "
-                   "device's free memory on cuda)")
+    p.add_argument(
+        "--memory-gb",
+        type=float,
+        default=None,
+        help="memory for a point's weights and KV cache; layers beyond it are not "
+        "run and the step time is scaled from the distinct layers that were "
+        f"(default: {DEFAULTS['cpu_memory_gb']:g} GB on the cpu backend, the "
+        "device's free memory on cuda)",
+    )
     p.add_argument("--routing", default="uniform", help="MoE routing: uniform or zipf:S")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     p.add_argument("--retry-failed", action="store_true", help="rerun points recorded as failed")
@@ -118,8 +138,11 @@ def _validate(args: argparse.Namespace):
         raise UsageError(str(exc)) from None
     if not specs:
         raise UsageError("--model is empty")
-    return specs, _ints(args.batch, "batch"), _ints(args.context, "context"), _precisions(
-        args.precision
+    return (
+        specs,
+        _ints(args.batch, "batch"),
+        _ints(args.context, "context"),
+        _precisions(args.precision),
     )
 
 
@@ -149,28 +172,37 @@ def run(argv: list[str] | None = None) -> int:
 
     points = [
         Point(model=spec.name, batch=b, context=ctx, precision=prec, routing=args.routing)
-        for spec in specs for prec in precisions for ctx in contexts for b in batches
+        for spec in specs
+        for prec in precisions
+        for ctx in contexts
+        for b in batches
     ]
     spec_by_name = {spec.name: spec for spec in specs}
     backend_key = backend.name
     todo = [p for p in points if f"{backend_key}|{p.key()}" not in done]
     log = _log
-    log(f"backend: {note}; {len(points)} points, {len(points) - len(todo)} already in "
-        f"{store.path}, {len(todo)} to run")
+    log(
+        f"backend: {note}; {len(points)} points, {len(points) - len(todo)} already in "
+        f"{store.path}, {len(todo)} to run"
+    )
     protocol = Protocol(warmup_s=args.warmup, duration_s=args.duration, min_steps=args.min_steps)
     interrupted = False
     if todo:
         log("measuring device peaks (copy bandwidth, matmul rate) ...")
         peaks = backend.measure_peaks()
-        log(f"peaks: copy {peaks.copy_bw_gbps:.1f} GB/s, matmul "
-            + ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in peaks.matmul_tflops.items()))
+        log(
+            f"peaks: copy {peaks.copy_bw_gbps:.1f} GB/s, matmul "
+            + ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in peaks.matmul_tflops.items())
+        )
         device = backend.device_info()
         prov = provenance(device)
         t_start = time.monotonic()
         for i, point in enumerate(todo, 1):
             spec = spec_by_name[point.model]
-            label = (f"[{i}/{len(todo)}] {point.model} B={point.batch} L={point.context} "
-                     f"{point.precision.name}")
+            label = (
+                f"[{i}/{len(todo)}] {point.model} B={point.batch} L={point.context} "
+                f"{point.precision.name}"
+            )
             eta = ""
             if i > 1:
                 per = (time.monotonic() - t_start) / (i - 1)
@@ -192,11 +224,21 @@ def run(argv: list[str] | None = None) -> int:
             try:
                 plan = build_plan(spec, point)
                 record["plan"] = plan.totals()
-                record.update(measure_point(backend, plan, peaks, protocol, args.seed,
-                                            progress=lambda msg: log("    " + msg)))
+                record.update(
+                    measure_point(
+                        backend,
+                        plan,
+                        peaks,
+                        protocol,
+                        args.seed,
+                        progress=lambda msg: log("    " + msg),
+                    )
+                )
                 m = record["metrics"]
-                log(f"    {m['throughput_tok_s']:.3g} tok/s, {m['interactivity_tok_s_per_user']:.3g} "
-                    f"tok/s/user, roofline fraction {m['roofline_fraction']:.2f}")
+                log(
+                    f"    {m['throughput_tok_s']:.3g} tok/s, {m['interactivity_tok_s_per_user']:.3g} "
+                    f"tok/s/user, roofline fraction {m['roofline_fraction']:.2f}"
+                )
             except KeyboardInterrupt:
                 interrupted = True
                 break

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
-COLUMNS = ("model", "B", "L", "precision", "tok/s", "tok/s/user", "step ms", "roofline",
-           "layers", "tok/J", "status")
+COLUMNS = (
+    "model",
+    "B",
+    "L",
+    "precision",
+    "tok/s",
+    "tok/s/user",
+    "step ms",
+    "roofline",
+    "layers",
+    "tok/J",
+    "status",
+)
 
 
 def _fmt(value, spec: str = ".3g") -> str:
@@ -46,6 +57,8 @@ def summary_table(records: list[dict]) -> str:
     for r in records:
         if r.get("status") != "ok":
             p = r.get("point", {})
-            lines.append(f"{r.get('status')}: {p.get('model')} B={p.get('batch')} "
-                         f"L={p.get('context')}: {r.get('error')}")
+            lines.append(
+                f"{r.get('status')}: {p.get('model')} B={p.get('batch')} "
+                f"L={p.get('context')}: {r.get('error')}"
+            )
     return "\n".join(lines)

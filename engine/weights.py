@@ -86,7 +86,9 @@ def kv_cache(plan: Plan, layer: int, seed: int) -> KVCache:
     tensors: list[QTensor] = [
         random_qtensor(rng, (int(np.prod(s[:-1])), s[-1]), fmt, std=1.0) for s in shapes
     ]
-    scales = [1.0 if t.scale is None else float(np.asarray(t.scale).reshape(-1)[0]) for t in tensors]
+    scales = [
+        1.0 if t.scale is None else float(np.asarray(t.scale).reshape(-1)[0]) for t in tensors
+    ]
     # One scale per layer cache: re-scale the second tensor's codes is not needed when the
     # format has no scale; for FP8 both tensors share the first tensor's scale.
     scale = scales[0]

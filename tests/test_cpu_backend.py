@@ -29,8 +29,9 @@ CASES = [
 
 def _step(model: str, precision: str, batch: int = 3, context: int = 40, seed: int | None = None):
     spec = load_spec(model)
-    point = Point(model=spec.name, batch=batch, context=context,
-                  precision=parse_precision(precision))
+    point = Point(
+        model=spec.name, batch=batch, context=context, precision=parse_precision(precision)
+    )
     plan = build_plan(spec, point)
     seed = int(np.random.default_rng().integers(2**31)) if seed is None else seed
     runner = CpuRunner(plan, list(range(spec.num_layers)), seed)
@@ -39,8 +40,11 @@ def _step(model: str, precision: str, batch: int = 3, context: int = 40, seed: i
     assignments = None
     if spec.num_experts:
         pi = inclusion_probabilities("uniform", spec.num_experts, spec.experts_per_token)
-        assignments = {layer: sample_assignments(rng, pi, batch)
-                       for layer in range(spec.num_layers) if spec.is_moe_layer(layer)}
+        assignments = {
+            layer: sample_assignments(rng, pi, batch)
+            for layer in range(spec.num_layers)
+            if spec.is_moe_layer(layer)
+        }
     ref = ReferenceStep(spec, point, runner.head, runner.weights, runner.caches)
     return runner.forward(tokens, assignments), ref.forward(tokens, assignments), seed
 

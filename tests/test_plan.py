@@ -15,8 +15,16 @@ from engine.roofline import Peaks, roofline
 
 def _plan(model: str, batch: int, context: int = 1024, precision: str = "bf16", **kw):
     spec = load_spec(model)
-    return build_plan(spec, Point(model=spec.name, batch=batch, context=context,
-                                  precision=parse_precision(precision), **kw))
+    return build_plan(
+        spec,
+        Point(
+            model=spec.name,
+            batch=batch,
+            context=context,
+            precision=parse_precision(precision),
+            **kw,
+        ),
+    )
 
 
 def test_llama_8b_params_and_bf16_totals_by_hand():
@@ -35,9 +43,7 @@ def test_llama_8b_params_and_bf16_totals_by_hand():
         assert plan.kv_bytes == pytest.approx(layers * batch * 2 * kv * hd * 2 * (ctx + 1))
         gemm_flops = 2 * batch * (layers * (per_layer - 2 * h) + vocab * h)
         attn_flops = layers * 4 * batch * heads * ctx * hd
-        gemm_and_attention = sum(
-            op.flops for op in plan.ops if op.kind in ("gemm", "attention")
-        )
+        gemm_and_attention = sum(op.flops for op in plan.ops if op.kind in ("gemm", "attention"))
         assert gemm_and_attention == pytest.approx(gemm_flops + attn_flops, rel=1e-12)
 
 
@@ -64,8 +70,17 @@ def test_gpt_oss_120b_mxfp4_totals_by_hand():
     assert abs(total - published) / published < 0.01, total
 
 
-@pytest.mark.parametrize("model", ["llama-3.1-8b", "llama-3.3-70b", "mixtral-8x7b",
-                                   "qwen3-30b-a3b", "gpt-oss-120b", "deepseek-v3"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        "llama-3.1-8b",
+        "llama-3.3-70b",
+        "mixtral-8x7b",
+        "qwen3-30b-a3b",
+        "gpt-oss-120b",
+        "deepseek-v3",
+    ],
+)
 def test_plan_params_match_published(model):
     spec = load_spec(model)
     params = _plan(model, 1).params

@@ -9,9 +9,13 @@ from engine.results import SCHEMA, ResultStore
 
 
 def _record(key: str, status: str = "ok", tps: float | None = 12.5) -> dict:
-    return {"key": key, "status": status, "point": {"model": "tiny", "batch": 1},
-            "metrics": {"throughput_tok_s": tps}, "energy": {"energy_j": None,
-                                                            "reason": "no power source"}}
+    return {
+        "key": key,
+        "status": status,
+        "point": {"model": "tiny", "batch": 1},
+        "metrics": {"throughput_tok_s": tps},
+        "energy": {"energy_j": None, "reason": "no power source"},
+    }
 
 
 def test_append_read_and_csv(tmp_path):
@@ -22,7 +26,8 @@ def test_append_read_and_csv(tmp_path):
     assert [r["key"] for r in records] == ["a", "b"]
     assert all(r["schema"] == SCHEMA for r in records)
     assert records[1]["metrics"]["throughput_tok_s"] is None  # NaN never reaches JSON
-    rows = list(csv.DictReader(open(store.csv_path)))
+    with open(store.csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
     assert rows[0]["tokens_per_s"] == "12.5" and rows[0]["energy_j"] == ""
     assert rows[1]["status"] == "failed"
     assert store.done_keys() == {"a", "b"}

@@ -25,8 +25,12 @@ def test_uniform_expected_distinct_by_hand():
 
 
 @settings(max_examples=25, deadline=None)
-@given(experts=st.integers(4, 64), k=st.integers(1, 4), skew=st.floats(0.0, 2.5),
-       seed=st.integers(0, 2**31))
+@given(
+    experts=st.integers(4, 64),
+    k=st.integers(1, 4),
+    skew=st.floats(0.0, 2.5),
+    seed=st.integers(0, 2**31),
+)
 def test_sampling_matches_stated_distribution(experts, k, skew, seed):
     k = min(k, experts)
     pi = inclusion_probabilities(f"zipf:{skew}", experts, k)

@@ -11,8 +11,22 @@ import pytest
 import engine.sweep as sweep
 from engine.results import ResultStore
 
-QUICK = ["--model", "tiny", "--batch", "1,2", "--context", "32", "--precision", "bf16",
-         "--warmup", "0.05", "--duration", "0.1", "--backend", "cpu"]
+QUICK = [
+    "--model",
+    "tiny",
+    "--batch",
+    "1,2",
+    "--context",
+    "32",
+    "--precision",
+    "bf16",
+    "--warmup",
+    "0.05",
+    "--duration",
+    "0.1",
+    "--backend",
+    "cpu",
+]
 
 
 def test_sweep_writes_records_table_and_resumes(tmp_path, capsys, small_peaks):
@@ -75,16 +89,46 @@ def test_interrupt_keeps_finished_points_and_resumes(tmp_path, monkeypatch, smal
 
 
 def test_too_big_for_memory_budget_is_a_failed_point(tmp_path, small_peaks):
-    args = ["--model", "llama-3.1-8b", "--batch", "1", "--context", "16", "--precision", "bf16",
-            "--backend", "cpu", "--memory-gb", "0.5", "--out", str(tmp_path)]
+    args = [
+        "--model",
+        "llama-3.1-8b",
+        "--batch",
+        "1",
+        "--context",
+        "16",
+        "--precision",
+        "bf16",
+        "--backend",
+        "cpu",
+        "--memory-gb",
+        "0.5",
+        "--out",
+        str(tmp_path),
+    ]
     assert sweep.main(args) == 0
     (record,) = ResultStore(tmp_path).read()
     assert record["status"] == "failed" and "--memory-gb" in record["error"]
 
 
 def test_layers_beyond_budget_are_scaled_and_said(tmp_path, small_peaks):
-    args = ["--model", "tiny-moe", "--batch", "2", "--context", "16", "--precision", "bf16",
-            "--backend", "cpu", "--warmup", "0", "--duration", "0.05", "--out", str(tmp_path)]
+    args = [
+        "--model",
+        "tiny-moe",
+        "--batch",
+        "2",
+        "--context",
+        "16",
+        "--precision",
+        "bf16",
+        "--backend",
+        "cpu",
+        "--warmup",
+        "0",
+        "--duration",
+        "0.05",
+        "--out",
+        str(tmp_path),
+    ]
     # Budget for the head and two of the three layers.
     from engine.models import load_spec
     from engine.plan import build_plan
@@ -119,15 +163,25 @@ def test_layers_beyond_budget_are_scaled_and_said(tmp_path, small_peaks):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, words, capsys, tmp_path):
-    assert sweep.main(args + ["--backend", "cpu", "--out", str(tmp_path)] if "--backend" not in
-                      args else args + ["--out", str(tmp_path)]) == 2
+    assert (
+        sweep.main(
+            args + ["--backend", "cpu", "--out", str(tmp_path)]
+            if "--backend" not in args
+            else args + ["--out", str(tmp_path)]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err and "Traceback" not in err
 
 
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "engine.sweep", "--model", "nope",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.sweep", "--model", "nope", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 

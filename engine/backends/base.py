@@ -55,6 +55,7 @@ class Runner(ABC):
     def run_steps(self, n: int) -> StepWindows:
         """Run ``n`` decode steps back to back and return their windows."""
 
+    @abstractmethod
     def close(self) -> None:
         """Free what the runner holds."""
 

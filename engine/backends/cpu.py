@@ -237,8 +237,9 @@ class CpuRunner(Runner):
         if spec.layer_attention_kind(layer) == "sliding":
             window = spec.sliding_window
         out = np.empty_like(q)
-        K.attention_decode(q, cache.k, cache.v, cache.scale, cache.fmt, self.point.context,
-                           window, hd**-0.5, out)
+        K.attention_decode(
+            q, cache.k, cache.v, cache.scale, cache.fmt, self.point.context, window, hd**-0.5, out
+        )
         return self._gemm(self._fq(out.reshape(batch, heads * hd)), w["attn.o_proj"])
 
     def _mla(self, layer: int, w: dict, x: np.ndarray) -> np.ndarray:
@@ -268,8 +269,17 @@ class CpuRunner(Runner):
         for head, w_uk in enumerate(w["mla.q_absorb"]):
             q_latent[:, head, :] = self._gemm(self._fq(q[:, head, :nope]), w_uk)
         out_latent = np.empty_like(q_latent)
-        K.mla_attention_decode(q_latent, q_rope, cache.k, cache.v, cache.scale, cache.fmt,
-                               self.point.context, (nope + rope) ** -0.5, out_latent)
+        K.mla_attention_decode(
+            q_latent,
+            q_rope,
+            cache.k,
+            cache.v,
+            cache.scale,
+            cache.fmt,
+            self.point.context,
+            (nope + rope) ** -0.5,
+            out_latent,
+        )
         vdim = spec.v_head_dim
         values = np.empty((batch, heads * vdim), dtype=np.float32)
         for head, w_uv in enumerate(w["mla.v_up"]):
