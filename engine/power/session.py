@@ -1,0 +1,451 @@
+"""A sweep's power session: the sources, the sampler beside the workload, the idle baseline,
+and the energy block of each point's record.
+
+One session lives for the whole sweep. It opens the sources once (a missing one is reported
+once, with its reason), samples them continuously, measures idle power before the first
+point, and for each point turns the samples that cover the point's measured windows into
+energy per boundary (GPU board, CPU package, node...), with uncertainties, the cross-check
+between a boundary's counter and its power reading, and the derived per-token figures.
+
+Per-token figures: ``avg_power_w = energy_j / window_s`` over the measured windows, and
+``joules_per_token = avg_power_w * step_s / batch`` where ``step_s`` is the mean step time of
+the whole model. When only some distinct layers were run, ``step_s`` is the scaled step time
+and the point says ``scaled_from_layers``: the energy of the layers not run is taken at the
+average power of those that were.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.power.base import PowerSource, Samples, SourceInfo
+
+NO_SOURCE_REASON = "no power source on this machine"
+TRACE_MAX_POINTS = 2000
+DEFAULT_MAX_GAP_S = 3.0  # as InferenceX: a longer hole in a source's samples voids the point
+IDLE_MIN_S = 2.0
+IDLE_MIN_UPDATES = 20
+
+
+def observed_update_period_s(samples: Samples) -> float | None:
+    """The sensor's update period seen in ``samples`` (s): the median time between value
+    changes for polled sources, the median stamp interval for sensor-stamped ones."""
+    if samples.t_ns.size < 3:
+        return None
+    if samples.info.stamped_by == "sensor":
+        gaps = np.diff(samples.t_ns)
+    else:
+        changed = np.flatnonzero(np.diff(samples.value) != 0) + 1
+        if changed.size < 3:
+            return None
+        gaps = np.diff(samples.t_ns[changed])
+    gaps = gaps[gaps > 0]
+    return float(np.median(gaps)) / 1e9 if gaps.size else None
+
+
+def trace_power_w(samples: Samples, max_points: int = TRACE_MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """A power-over-time trace (t_ns, W) from any source, for plots: power readings as they
+    are, energy counters as the power between successive value changes; thinned by taking
+    every k-th point (never averaged, so what is shown was seen)."""
+    t, v = samples.t_ns, samples.value
+    if samples.info.quantity == "energy":
+        keep = np.concatenate([[0], np.flatnonzero(np.diff(v) != 0) + 1]) if v.size else v
+        t, v = t[keep], v[keep]
+        if t.size < 2:
+            return np.empty(0, np.int64), np.empty(0)
+        dt_s = np.diff(t) / 1e9
+        ok = dt_s > 0
+        t, v = t[1:][ok], (np.diff(v)[ok] / dt_s[ok])
+    step = max(1, math.ceil(t.size / max_points))
+    return t[::step], v[::step]
+
+
+@dataclass
+class BoundaryEnergy:
+    """Energy of one boundary over a point's windows, from its best source per device."""
+
+    boundary: str
+    energy_j: float
+    uncertainty_j: float
+    sources: list[str]
+    coverage: float
+
+
+@dataclass
+class PowerSession:
+    """Sources, sampler and idle baseline for a sweep; ``energy_for_point`` fills records.
+
+    ``sampler`` is an ``engine.power.sampler.Sampler`` (or anything with ``start``, ``stop``,
+    ``samples(t0_ns, t1_ns)`` and ``stats``); ``node_log`` an optional callable returning the
+    external meter's samples (reloaded at each point, since the meter keeps writing).
+    """
+
+    sources: list[PowerSource]
+    sampler: object
+    reasons: list[str] = field(default_factory=list)
+    node_log: Callable[[], Samples] | None = None
+    device_state: Callable[[], dict] | None = None
+    max_gap_s: float = DEFAULT_MAX_GAP_S
+    idle: dict = field(default_factory=dict)
+    update_period_s: dict = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.sources) or self.node_log is not None
+
+    @property
+    def infos(self) -> list[SourceInfo]:
+        return [s.info for s in self.sources]
+
+    def slowest_update_period_s(self) -> float | None:
+        """The longest measured (else stated) update period among the sources, in s."""
+        periods = [
+            self.update_period_s.get(i.name) or i.update_period_s for i in self.infos
+        ]
+        periods = [p for p in periods if p]
+        return max(periods) if periods else None
+
+    def why_inactive(self) -> str:
+        """Why no energy can be measured (the reasons each source is missing)."""
+        return "; ".join(self.reasons) or NO_SOURCE_REASON
+
+    def recent_power_w(self, t0_ns: int, t1_ns: int) -> float | None:
+        """Average power (W) over [t0_ns, t1_ns] from the first source with enough samples:
+        a counter's energy difference over time, or the mean of power readings. Used only
+        to judge steadiness during warm-up, never reported."""
+        for s in self.sampler.samples(t0_ns, t1_ns):
+            if s.t_ns.size < 2:
+                continue
+            if s.info.quantity == "energy":
+                changed = np.flatnonzero(np.diff(s.value) != 0) + 1
+                if changed.size >= 2:
+                    a, b = changed[0], changed[-1]
+                    return float((s.value[b] - s.value[a]) / ((s.t_ns[b] - s.t_ns[a]) / 1e9))
+            else:
+                return float(np.mean(s.value))
+        return None
+
+    def device_state_now(self) -> dict | None:
+        """Power limit, clocks, temperature and clock-event reasons now (None if unknown)."""
+        if self.device_state is None:
+            return None
+        try:
+            return self.device_state()
+        except Exception as exc:  # state is provenance, its failure must not void the point
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    def sm_clock_mhz(self) -> float | None:
+        """The SM clock now (MHz), or None where it cannot be read."""
+        state = self.device_state_now()
+        return None if not state else state.get("sm_clock_mhz")
+
+    def summarize_state(self, before: dict | None, after: dict | None) -> dict | None:
+        """Device state before and after the point, and what changed between them."""
+        if before is None and after is None:
+            return None
+        benign = {"gpu_idle", "applications_clocks_setting", "none"}
+        seen = set()
+        for state in (before, after):
+            seen |= set((state or {}).get("clock_event_reasons") or [])
+        seen -= benign
+        clock = [(s or {}).get("sm_clock_mhz") for s in (before, after)]
+        return {
+            "before": before,
+            "after": after,
+            "reasons_seen": sorted(seen),
+            "throttled": bool(seen),
+            "clock_changed": None if None in clock else clock[0] != clock[1],
+        }
+
+    def close(self) -> None:
+        """Stop sampling and release the sources."""
+        try:
+            if self.sources:
+                self.sampler.stop()
+        finally:
+            for src in self.sources:
+                try:
+                    src.close()
+                except Exception:  # closing is best effort; the results are already written
+                    pass
+
+    # -- idle -------------------------------------------------------------------------------
+
+    def measure_idle(self, seconds: float | None = None, log: Callable[[str], None] = print) -> dict:
+        """Sample with the device idle and record each source's idle power (W) and its
+        measured update period. Blocks for max(IDLE_MIN_S, IDLE_MIN_UPDATES periods)."""
+        from engine.energy import idle_power
+
+        period = self.slowest_update_period_s() or 0.1
+        seconds = seconds if seconds is not None else max(IDLE_MIN_S, IDLE_MIN_UPDATES * period)
+        log(f"measuring idle power for {seconds:.1f} s (device idle) ...")
+        t0 = time.monotonic_ns()
+        time.sleep(seconds)
+        t1 = time.monotonic_ns()
+        for s in self.sampler.samples(t0, t1):
+            measured = observed_update_period_s(s)
+            if measured:
+                self.update_period_s[s.info.name] = measured
+            try:
+                p_w, u_w = idle_power(s, t0, t1)
+            except ValueError as exc:
+                self.idle[s.info.name] = {"power_w": None, "uncertainty_w": None, "reason": str(exc)}
+                continue
+            ok = p_w is not None and math.isfinite(p_w)
+            self.idle[s.info.name] = {
+                "power_w": float(p_w) if ok else None,
+                "uncertainty_w": float(u_w) if ok else None,
+                "reason": None if ok else "too few samples while idle",
+                "window_s": (t1 - t0) / 1e9,
+            }
+        return self.idle
+
+    # -- per point --------------------------------------------------------------------------
+
+    def energy_for_point(
+        self,
+        start_ns: np.ndarray,
+        end_ns: np.ndarray,
+        *,
+        tokens_per_step: int,
+        step_s: float,
+        scaled_from_layers: bool,
+        align_ns: float = 0.0,
+        point_t0_ns: int | None = None,
+    ) -> tuple[dict, dict | None]:
+        """The record's ``energy`` block and ``trace`` for windows [start_ns, end_ns] (host ns).
+
+        ``tokens_per_step`` is the batch; ``step_s`` the whole-model mean step time (s).
+        """
+        from engine.energy import attribute, cross_check, pooled
+
+        start_ns = np.asarray(start_ns, np.int64)
+        end_ns = np.asarray(end_ns, np.int64)
+        window_s = float(np.sum(end_ns - start_ns)) / 1e9
+        margin_ns = int(max(self.max_gap_s, 2 * (self.slowest_update_period_s() or 0.1)) * 1e9)
+        t_lo, t_hi = int(start_ns.min()) - margin_ns, int(end_ns.max()) + margin_ns
+        samples = list(self.sampler.samples(t_lo, t_hi)) if self.sources else []
+        reasons: list[str] = []
+        if self.node_log is not None:
+            try:
+                samples.append(self.node_log().between(t_lo, t_hi))
+            except Exception as exc:  # a meter log that cannot be read must not end the sweep
+                reasons.append(f"power log: {exc}")
+
+        per_source: list[dict] = []
+        estimates: dict[str, tuple] = {}
+        for s in samples:
+            entry = {
+                "name": s.info.name,
+                "boundary": s.info.boundary,
+                "quantity": s.info.quantity,
+                "device": s.info.device,
+                "samples": int(s.t_ns.size),
+                "update_period_s": self.update_period_s.get(s.info.name),
+            }
+            try:
+                we = attribute(
+                    s, start_ns, end_ns, align_ns=align_ns, max_gap_s=self.max_gap_s
+                )
+            except ValueError as exc:
+                entry.update(valid=False, reason=str(exc))
+                per_source.append(entry)
+                continue
+            bad = [r for r, ok in zip(we.reasons, we.valid) if not ok and r]
+            if not bool(np.all(we.valid)):
+                entry.update(
+                    valid=False,
+                    reason=f"{int(np.sum(~we.valid))}/{we.valid.size} windows invalid: "
+                    + (bad[0] if bad else "unknown"),
+                )
+                per_source.append(entry)
+                continue
+            e_j, u_j = pooled(we)
+            entry.update(
+                valid=True,
+                method=we.method,
+                energy_j=float(e_j),
+                uncertainty_j=float(u_j),
+                coverage=float(np.mean(we.coverage)),
+                reason=None,
+            )
+            per_source.append(entry)
+            estimates[s.info.name] = (s.info, we, e_j, u_j)
+
+        by_boundary = self._by_boundary(estimates)
+        checks = self._cross_checks(estimates, cross_check)
+        block = self._energy_block(
+            by_boundary, checks, per_source, reasons, window_s, tokens_per_step, step_s,
+            scaled_from_layers,
+        )
+        trace = self._trace(samples, start_ns, end_ns, point_t0_ns)
+        return block, trace
+
+    def _by_boundary(self, estimates: dict[str, tuple]) -> dict[str, BoundaryEnergy]:
+        # Per boundary and device, keep the estimate with the smallest relative uncertainty;
+        # a boundary's energy is the sum over its devices (e.g. two CPU packages).
+        best: dict[tuple[str, str | None], tuple] = {}
+        for name, (info, we, e_j, u_j) in estimates.items():
+            key = (info.boundary, info.device)
+            rel = u_j / e_j if e_j > 0 else math.inf
+            if key not in best or rel < best[key][0]:
+                best[key] = (rel, name, e_j, u_j, float(np.mean(we.coverage)))
+        out: dict[str, BoundaryEnergy] = {}
+        for (boundary, _device), (_rel, name, e_j, u_j, cov) in sorted(
+            best.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))
+        ):
+            if boundary in out:
+                b = out[boundary]
+                b.energy_j += e_j
+                b.uncertainty_j = math.hypot(b.uncertainty_j, u_j)
+                b.sources.append(name)
+                b.coverage = min(b.coverage, cov)
+            else:
+                out[boundary] = BoundaryEnergy(boundary, e_j, u_j, [name], cov)
+        return out
+
+    @staticmethod
+    def _cross_checks(estimates: dict[str, tuple], cross_check) -> list[dict]:
+        # Counter vs power reading of the same boundary and device.
+        checks = []
+        items = list(estimates.values())
+        for i, (ia, wa, *_rest) in enumerate(items):
+            for ib, wb, *_r in items[i + 1 :]:
+                same = ia.boundary == ib.boundary and ia.device == ib.device
+                if same and ia.quantity != ib.quantity:
+                    result = dict(cross_check(wa, wb))
+                    result.update(a=ia.name, b=ib.name)
+                    checks.append(result)
+        return checks
+
+    def _energy_block(
+        self,
+        by_boundary: dict[str, BoundaryEnergy],
+        checks: list[dict],
+        per_source: list[dict],
+        reasons: list[str],
+        window_s: float,
+        tokens_per_step: int,
+        step_s: float,
+        scaled_from_layers: bool,
+    ) -> dict:
+        boundaries = {}
+        for name, b in by_boundary.items():
+            boundaries[name] = self._figures(b, window_s, tokens_per_step, step_s)
+        primary = next(
+            (b for b in ("gpu-board", "gpu-module", "cpu-package", "node") if b in boundaries),
+            next(iter(boundaries), None),
+        )
+        flags = []
+        for c in checks:
+            if c.get("flag") or c.get("agree") is False:
+                flags.append(f"counter and power disagree: {c['a']} vs {c['b']}")
+        if primary is None:
+            why = [e["name"] + ": " + e["reason"] for e in per_source if e.get("reason")]
+            reason = "; ".join(why + reasons + self.reasons) or NO_SOURCE_REASON
+            block = {k: None for k in _FIGURE_KEYS}
+            block.update(boundary=None, valid=False, flags=flags, reason=reason)
+        else:
+            block = dict(boundaries[primary])
+            block.update(boundary=primary, valid=True, flags=flags, reason=None)
+        node, gpu = boundaries.get("node"), boundaries.get("gpu-board")
+        ratio = None
+        if node and gpu and gpu["energy_j"]:
+            ratio = node["energy_j"] / gpu["energy_j"]
+        block.update(
+            scaled_from_layers=scaled_from_layers,
+            window_s=window_s,
+            by_boundary=boundaries,
+            node_to_gpu_energy_ratio=ratio,
+            cross_check=checks or None,
+            sources=per_source,
+        )
+        return block
+
+    def _figures(self, b: BoundaryEnergy, window_s: float, batch: int, step_s: float) -> dict:
+        power_w = b.energy_j / window_s
+        power_u_w = b.uncertainty_j / window_s
+        jpt = power_w * step_s / batch
+        tpj = 1.0 / jpt if jpt > 0 else None
+        idle = [self.idle.get(name, {}).get("power_w") for name in b.sources]
+        idle_u = [self.idle.get(name, {}).get("uncertainty_w") for name in b.sources]
+        idle_w = sum(idle) if idle and all(v is not None for v in idle) else None
+        idle_u_w = math.sqrt(sum(u * u for u in idle_u)) if idle_w is not None else None
+        above = None if idle_w is None else (power_w - idle_w) * step_s / batch
+        return {
+            "energy_j": b.energy_j,
+            "energy_uncertainty_j": b.uncertainty_j,
+            "avg_power_w": power_w,
+            "avg_power_uncertainty_w": power_u_w,
+            "idle_power_w": idle_w,
+            "idle_power_uncertainty_w": idle_u_w,
+            "energy_above_idle_j": None if idle_w is None else b.energy_j - idle_w * window_s,
+            "joules_per_token": jpt,
+            "tokens_per_joule": tpj,
+            "tokens_per_joule_uncertainty": (
+                None if tpj is None or power_w <= 0 else tpj * power_u_w / power_w
+            ),
+            "tokens_per_joule_above_idle": (1.0 / above) if above and above > 0 else None,
+            "coverage": b.coverage,
+            "sources": b.sources,
+        }
+
+    def _trace(self, samples: list[Samples], start_ns, end_ns, t0_ns: int | None) -> dict | None:
+        if not samples:
+            return None
+        # Prefer a power reading (it is what the sensor saw); else the counter's differences.
+        s = next((x for x in samples if x.info.quantity == "power" and x.t_ns.size), None)
+        s = s or next((x for x in samples if x.t_ns.size), None)
+        if s is None:
+            return None
+        t_ns, p_w = trace_power_w(s)
+        t0 = int(t0_ns if t0_ns is not None else start_ns.min())
+        return {
+            "source": s.info.name,
+            "t_s": ((t_ns - t0) / 1e9).round(6).tolist(),
+            "power_w": np.asarray(p_w).round(3).tolist(),
+            "sm_clock_mhz": None,
+            "temperature_c": None,
+            "windows_s": [
+                [round((a - t0) / 1e9, 6), round((b - t0) / 1e9, 6)] for a, b in zip(start_ns, end_ns)
+            ],
+        }
+
+
+_FIGURE_KEYS = (
+    "energy_j",
+    "energy_uncertainty_j",
+    "avg_power_w",
+    "avg_power_uncertainty_w",
+    "idle_power_w",
+    "idle_power_uncertainty_w",
+    "energy_above_idle_j",
+    "joules_per_token",
+    "tokens_per_joule",
+    "tokens_per_joule_uncertainty",
+    "tokens_per_joule_above_idle",
+    "coverage",
+)
+
+
+def null_energy(reason: str) -> dict:
+    """The energy block of a point without any usable source: every figure null, the reason."""
+    block = {k: None for k in _FIGURE_KEYS}
+    block.update(
+        boundary=None,
+        valid=False,
+        flags=[],
+        reason=reason,
+        scaled_from_layers=None,
+        window_s=None,
+        by_boundary={},
+        node_to_gpu_energy_ratio=None,
+        cross_check=None,
+        sources=[],
+    )
+    return block
