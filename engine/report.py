@@ -144,7 +144,8 @@ def analyse(
         for label in dict.fromkeys(p.series for p in members):
             sp = sorted((p for p in members if p.series == label), key=lambda p: p.batch)
             series.append(_series(label, colors[label], sp, settings, target))
-        groups[key] = series
+        if series:  # a model whose every point failed is listed under "Not measured" only
+            groups[key] = series
     return Report(list(paths), notes, pts, groups, settings, target)
 
 
@@ -464,6 +465,10 @@ def _economics_section(report: Report) -> list[str]:
         }
     )
     out += [""] + [f"- missing: {w}" for w in why]
+    if st.host_w_per_device and any(p.boundary == "node" for p in report.all_points):
+        out.append(
+            "- host share not added to node-boundary points: the node already includes the host"
+        )
     return out
 
 

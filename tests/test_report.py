@@ -427,3 +427,40 @@ def test_cli_without_results_is_a_one_line_error(capsys):
     assert report.main([]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "give one or more result directories" in err
+
+
+def test_node_boundary_note_in_summary(tmp_path):
+    recs = [json.loads(x) for x in Path(HANDMADE).read_text().splitlines()[:7]]
+    for r in recs:
+        r["energy"]["boundary"] = "node"
+    path = _write(tmp_path / "node.jsonl", recs)
+    report.write_report([path], str(tmp_path / "r"), host_w_per_device=50.0, figures=False)
+    md = (tmp_path / "r" / "summary.md").read_text()
+    assert "host share not added to node-boundary points" in md
+    rep = report.analyse([path], settings=resolve_settings(host_w_per_device=50.0, pue=1.2))
+    a = _series(rep, "handmade-gpu-A bf16")
+    p16 = next(p for p in a.points if p.batch == 16)
+    # 96 W at the node, no host share, x 1.2: 960 / 115.2e-6 tok/s per MW.
+    assert a.economics[id(p16)].measured_tokens_per_s_per_mw == pytest.approx(960 / 115.2e-6)
+
+
+METER = str(DATA / "handmade_meter_replay_cpu_tiny.jsonl")
+
+
+def test_records_with_energy_from_the_sweep_power_session(tmp_path):
+    # A real CPU sweep whose energy the engine attributed from a made-up meter log
+    # (--power-log: epoch-stamped 150 W +- 1 W at 10 Hz): the energy block as the sweep writes it.
+    rep = report.analyse([METER], target=2000)
+    pts = [p for p in rep.all_points if p.ok]
+    assert len(pts) == 6
+    for p in pts:
+        assert p.boundary == "node" and p.tokens_per_joule is not None
+        # tokens per joule = throughput / average power, from the record's own numbers.
+        assert p.tokens_per_joule == pytest.approx(
+            p.throughput_per_device / p.avg_power_w, rel=1e-9
+        )
+    for s in rep.groups[("tiny", 256)]:
+        tpj = s.metrics["tpj"]
+        assert tpj.query.value is not None and tpj.on
+        lo, hi = tpj.query.between
+        assert tpj.frontier.ys[hi] <= tpj.query.value <= tpj.frontier.ys[lo]

@@ -86,3 +86,12 @@ def test_trace_point_picks_the_traced_record(tmp_path):
     report.write_report([HANDMADE], str(tmp_path / "s"), trace_point="B=3|")
     md = (tmp_path / "s" / "summary.md").read_text()
     assert "Not drawn: no point matching --trace-point 'B=3|' has a trace." in md
+
+
+def test_trace_figure_from_sweep_records(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib (the 'plot' extra) is not installed")
+    meter = str(DATA / "handmade_meter_replay_cpu_tiny.jsonl")
+    out = tmp_path / "r"
+    report.write_report([meter], str(out), at_interactivity=2000, compare=True)
+    for name in ("tokens_per_joule", "trace", "compare_tokens_per_joule"):
+        _png_size(out / f"{name}_tiny_L256.png")
