@@ -18,6 +18,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from engine.backends.cuda_weights import block_scale_offsets
 from engine.formats import decode_table, encode_bf16, encode_e2m1, encode_fp8
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,3 +171,17 @@ def test_split_softmax_merge_matches_float64(driver, trial):
     for label, got in zip(("pairwise", "weights"), out):
         err = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert err < 1e-5, f"{label} seed={seed} n={n} d={d} chunks={chunks}: {err:.2e}"
+
+
+def test_block_scale_layout_matches_cublaslt_examples_and_python(driver):
+    rng = np.random.default_rng()
+    rows, groups = int(rng.integers(1, 300)), int(rng.integers(1, 40))
+    raw = _run(driver, "scales", np.array([rows, groups], np.int32).tobytes())
+    got = np.frombuffer(raw, np.uint32).reshape(rows, groups)
+    assert np.array_equal(got, block_scale_offsets(rows, groups)), (rows, groups)
+    # Every scale lands in its own byte of the padded (128-row, 4-group) tiles.
+    padded = -(-rows // 128) * 128 * (-(-groups // 4) * 4)
+    assert np.unique(got).size == got.size and got.max() < padded
+    # The examples of nvmath-python's get_block_scale_offset docs: NVFP4 operand 128 x 128.
+    ref = np.frombuffer(_run(driver, "scales", np.array([128, 8], np.int32).tobytes()), np.uint32)
+    assert ref.reshape(128, 8)[5, 2] == 82 and ref.reshape(128, 8)[5, 5] == 593

@@ -14,6 +14,8 @@
 //            (one left over folds alone), chunk states are merged pairwise into a running
 //            state and, separately, all at once with tpj_merge_weights. Output float32
 //            out_pairwise[d], out_weights[d].
+//   scales   input: int32 rows, int32 groups. Output uint32 offsets[rows * groups] of
+//            tpj_block_scale_offset (cuBLASLt's interleaved block-scale layout), row-major.
 #include <cstdio>
 #include <cstdlib>
 #include <string_view>
@@ -122,9 +124,18 @@ static void mode_softmax() {
   write_all(out_w);
 }
 
+static void mode_scales() {
+  const int rows = read_int(), groups = read_int();
+  const uint32_t groups_padded = (uint32_t)((groups + 3) / 4 * 4);
+  std::vector<uint32_t> out;
+  for (int r = 0; r < rows; ++r)
+    for (int g = 0; g < groups; ++g) out.push_back(tpj_block_scale_offset(r, g, groups_padded));
+  write_all(out);
+}
+
 int main(int argc, char** argv) {
   if (argc != 2) {
-    fprintf(stderr, "usage: host_driver decode|encode|packed|softmax < input > output\n");
+    fprintf(stderr, "usage: host_driver decode|encode|packed|softmax|scales < input > output\n");
     return 2;
   }
   const std::string_view mode = argv[1];
@@ -132,6 +143,7 @@ int main(int argc, char** argv) {
   else if (mode == "encode") mode_encode();
   else if (mode == "packed") mode_packed();
   else if (mode == "softmax") mode_softmax();
+  else if (mode == "scales") mode_scales();
   else {
     fprintf(stderr, "unknown mode %s\n", argv[1]);
     return 2;
