@@ -387,3 +387,26 @@ def test_backend_without_a_device_is_unavailable():
 
     with pytest.raises(BackendUnavailable):
         CudaBackend()
+
+
+def test_gpu_check_cases_run_through_their_contracts():
+    """The self-test's cases are well formed: each contract writes every output it checks."""
+    from engine.backends.cuda_check import correctness_cases, output_bytes, prepare, reference
+
+    seed = _seed()
+    cases = correctness_cases(seed, cc=(10, 0))
+    kernels = {c.kernel for c in cases if c.kernel}
+    families = {k.split("_d")[0].split("_r")[0] if "decode" in k else k for k in kernels}
+    assert {
+        "tpj_add_rmsnorm",
+        "tpj_attn_merge",
+        "tpj_moe_combine",
+        "tpj_quant_fp4_native",
+    } <= families
+    assert {abi.gemv_kernel(w, 4) for w in abi.W_SUFFIX} <= kernels
+    for case in cases:
+        arena, offsets = prepare(case, seed)
+        reference(case, arena, offsets)
+        for out in case.outs:
+            raw = output_bytes(out, arena.mem, offsets)
+            assert not (raw == 0xFF).all(), f"{case.name}: {out.buf} never written"

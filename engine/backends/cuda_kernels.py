@@ -146,4 +146,6 @@ class KernelSet:
 
     def launch(self, name: str, grid, block: int, values: list, stream) -> None:
         """Launch ``name`` on ``stream`` with raw argument values (pointers as ints)."""
-        self.function(name)(tuple(grid), (int(block), 1, 1), pack_args(name, values), stream=stream)
+        # CuPy launches on the current stream (RawKernel takes no stream argument).
+        with stream:
+            self.function(name)(tuple(grid), (int(block), 1, 1), pack_args(name, values))

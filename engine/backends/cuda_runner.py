@@ -186,12 +186,18 @@ class CudaRunner(Runner):
 
         parts = []
         done = 0
+        self.last_events_ms = []
         while done < n:
             chunk = min(n - done, STAMP_RING)
             first = self.counter + 1
+            start, stop = self.cp.cuda.Event(), self.cp.cuda.Event()
+            start.record(self.stream)
             for i in range(chunk):
                 self.graphs[(self.counter + i) % self.copies].launch(self.stream)
+            stop.record(self.stream)
             self.stream.synchronize()
+            # CUDA-event time of the chunk's replays: the stamps must lie inside it.
+            self.last_events_ms.append(self.cp.cuda.get_elapsed_time(start, stop))
             self.counter += chunk
             parts.append(self._stamp_rows(first, chunk))
             done += chunk
