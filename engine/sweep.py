@@ -18,6 +18,8 @@ from engine.measure import Protocol, measure_point
 from engine.models import SpecError, list_models, load_spec
 from engine.plan import PlanError, build_plan
 from engine.point import Point
+from engine.power.base import SourceError
+from engine.power.session import open_session
 from engine.precision import PRESETS, PrecisionError, parse_precision
 from engine.provenance import provenance
 from engine.results import ResultsError, ResultStore
@@ -94,8 +96,50 @@ def _parser() -> argparse.ArgumentParser:
         f"(default: {DEFAULTS['cpu_memory_gb']:g} GB on the cpu backend, the "
         "device's free memory on cuda)",
     )
+    p.add_argument(
+        "--power",
+        default="auto",
+        help="power sources: auto (every one this machine has), none, or a comma list of "
+        "nvml, rapl, amdsmi; python -m engine.info shows what exists",
+    )
+    p.add_argument(
+        "--power-log",
+        default=None,
+        metavar="FILE",
+        help="an external meter's log (CSV or JSON Lines of t_s and power_w or energy_j), "
+        "attributed at the node boundary",
+    )
+    p.add_argument(
+        "--power-log-offset",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds to add to the log's times to get host monotonic seconds (default: "
+        "epoch times are mapped through the host's wall clock)",
+    )
+    p.add_argument(
+        "--idle",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds of idle sampling before the sweep (default: max(2 s, 20 sensor updates))",
+    )
+    p.add_argument(
+        "--repetitions",
+        type=int,
+        default=Protocol.repetitions,
+        help="measured windows per point, separated by random pauses (phase shifts)",
+    )
     p.add_argument("--routing", default="uniform", help="MoE routing: uniform or zipf:S")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument(
+        "--report",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
+        help="then write a report (summary.md, PNG figures) into DIR (default OUT/report)",
+    )
     p.add_argument("--retry-failed", action="store_true", help="rerun points recorded as failed")
     p.add_argument("--list-models", action="store_true", help="list model presets and exit")
     return p
@@ -129,6 +173,10 @@ def _validate(args: argparse.Namespace):
         raise UsageError("--warmup must be >= 0 and --duration > 0 seconds")
     if args.min_steps < 1:
         raise UsageError("--min-steps must be >= 1")
+    if args.repetitions < 1:
+        raise UsageError("--repetitions must be >= 1")
+    if args.idle is not None and args.idle <= 0:
+        raise UsageError("--idle must be > 0 seconds")
     if args.memory_gb is not None and args.memory_gb <= 0:
         raise UsageError("--memory-gb must be > 0")
     try:
@@ -185,7 +233,51 @@ def run(argv: list[str] | None = None) -> int:
         f"backend: {note}; {len(points)} points, {len(points) - len(todo)} already in "
         f"{store.path}, {len(todo)} to run"
     )
-    protocol = Protocol(warmup_s=args.warmup, duration_s=args.duration, min_steps=args.min_steps)
+    protocol = Protocol(
+        warmup_s=args.warmup,
+        duration_s=args.duration,
+        min_steps=args.min_steps,
+        repetitions=args.repetitions,
+    )
+    interrupted = False
+    power = None
+    if todo and (args.power != "none" or args.power_log):
+        try:
+            power = open_session(
+                args.power,
+                power_log=args.power_log,
+                power_log_offset_s=args.power_log_offset,
+                gpu_index=getattr(backend, "device_index", None),
+                log=log,
+            )
+        except (ValueError, SourceError) as exc:
+            raise UsageError(str(exc)) from None
+    try:
+        interrupted = _run_points(args, backend, note, todo, spec_by_name, protocol, power, store)
+    finally:
+        if power is not None:
+            power.close()
+    keys = {f"{backend_key}|{p.key()}" for p in points}
+    records = [r for r in store.read() if r.get("key") in keys]
+    print(summary_table(records))
+    print(f"\n{len(records)} records in {store.path} (CSV: {store.csv_path})")
+    if args.report is not None and not interrupted:
+        from engine.report import ReportError, write_report
+
+        try:
+            print(write_report([str(store.path)], args.report or str(store.dir / "report")))
+        except ReportError as exc:
+            log(f"report not written: {exc}")
+    if interrupted:
+        log("interrupted: finished points are kept; rerun the same command to resume")
+        return 130
+    return 0
+
+
+def _run_points(args, backend, note, todo, spec_by_name, protocol, power, store) -> bool:
+    """Measure each point of ``todo`` and append its record; True when interrupted."""
+    log = _log
+    backend_key = backend.name
     interrupted = False
     if todo:
         log("measuring device peaks (copy bandwidth, matmul rate) ...")
@@ -196,6 +288,12 @@ def run(argv: list[str] | None = None) -> int:
         )
         device = backend.device_info()
         prov = provenance(device)
+        idle = None
+        if power is not None and power.active:
+            try:
+                idle = power.measure_idle(args.idle, log=log)
+            except KeyboardInterrupt:
+                return True
         t_start = time.monotonic()
         for i, point in enumerate(todo, 1):
             spec = spec_by_name[point.model]
@@ -220,6 +318,7 @@ def run(argv: list[str] | None = None) -> int:
                 "seed": args.seed,
                 "peaks": peaks.to_dict(),
                 "provenance": prov,
+                "idle": idle,
             }
             try:
                 plan = build_plan(spec, point)
@@ -232,12 +331,21 @@ def run(argv: list[str] | None = None) -> int:
                         protocol,
                         args.seed,
                         progress=lambda msg: log("    " + msg),
+                        power=power,
                     )
                 )
-                m = record["metrics"]
+                m, e = record["metrics"], record["energy"]
+                energy = f"; energy null: {e['reason']}"
+                if e.get("tokens_per_joule") is not None:
+                    energy = (
+                        f", {e['tokens_per_joule']:.3g} ± {e['tokens_per_joule_uncertainty']:.2g} "
+                        f"tok/J at {e['boundary']} ({e['avg_power_w']:.1f} W)"
+                    )
+                    if e.get("flags"):
+                        energy += " flags: " + "; ".join(e["flags"])
                 log(
                     f"    {m['throughput_tok_s']:.3g} tok/s, {m['interactivity_tok_s_per_user']:.3g} "
-                    f"tok/s/user, roofline fraction {m['roofline_fraction']:.2f}"
+                    f"tok/s/user, roofline fraction {m['roofline_fraction']:.2f}" + energy
                 )
             except KeyboardInterrupt:
                 interrupted = True
@@ -253,14 +361,7 @@ def run(argv: list[str] | None = None) -> int:
             if record["status"] != "ok":
                 log(f"    {record['status']}: {record['error']}")
             store.append(record)
-    keys = {f"{backend_key}|{p.key()}" for p in points}
-    records = [r for r in store.read() if r.get("key") in keys]
-    print(summary_table(records))
-    print(f"\n{len(records)} records in {store.path} (CSV: {store.csv_path})")
-    if interrupted:
-        log("interrupted: finished points are kept; rerun the same command to resume")
-        return 130
-    return 0
+    return interrupted
 
 
 def _log(message: str) -> None:

@@ -12,7 +12,10 @@ COLUMNS = (
     "step ms",
     "roofline",
     "layers",
+    "W",
     "tok/J",
+    "±",
+    "boundary",
     "status",
 )
 
@@ -30,6 +33,7 @@ def _row(r: dict) -> list[str]:
     layers = f"{t['layers_run']}/{t['layers_total']}" if t.get("layers_run") else "-"
     frac = m.get("roofline_fraction")
     tpj = e.get("tokens_per_joule")
+    tpj_u = e.get("tokens_per_joule_uncertainty")
     return [
         str(point.get("model", "?")),
         str(point.get("batch", "?")),
@@ -40,8 +44,11 @@ def _row(r: dict) -> list[str]:
         _fmt(None if step is None else step * 1e3),
         "-" if frac is None else f"{100 * frac:.0f}%",
         layers,
+        _fmt(e.get("avg_power_w"), ".1f"),
         "null" if tpj is None and r.get("status") == "ok" else _fmt(tpj),
-        r.get("status", "?"),
+        _fmt(tpj_u, ".2g"),
+        str(e.get("boundary") or "-"),
+        r.get("status", "?") + ("*" if e.get("flags") else ""),
     ]
 
 
@@ -54,6 +61,8 @@ def summary_table(records: list[dict]) -> str:
     notes = sorted({(r.get("energy") or {}).get("reason") for r in records} - {None})
     for note in notes:
         lines.append(f"tok/J null: {note}")
+    if any((r.get("energy") or {}).get("flags") for r in records):
+        lines.append("*: flagged (throttled, not steady, counter/power disagree): see the record")
     for r in records:
         if r.get("status") != "ok":
             p = r.get("point", {})

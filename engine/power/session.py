@@ -16,6 +16,7 @@ average power of those that were.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -48,7 +49,9 @@ def observed_update_period_s(samples: Samples) -> float | None:
     return float(np.median(gaps)) / 1e9 if gaps.size else None
 
 
-def trace_power_w(samples: Samples, max_points: int = TRACE_MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
+def trace_power_w(
+    samples: Samples, max_points: int = TRACE_MAX_POINTS
+) -> tuple[np.ndarray, np.ndarray]:
     """A power-over-time trace (t_ns, W) from any source, for plots: power readings as they
     are, energy counters as the power between successive value changes; thinned by taking
     every k-th point (never averaged, so what is shown was seen)."""
@@ -104,11 +107,20 @@ class PowerSession:
 
     def slowest_update_period_s(self) -> float | None:
         """The longest measured (else stated) update period among the sources, in s."""
-        periods = [
-            self.update_period_s.get(i.name) or i.update_period_s for i in self.infos
-        ]
+        periods = [self.update_period_s.get(i.name) or i.update_period_s for i in self.infos]
         periods = [p for p in periods if p]
         return max(periods) if periods else None
+
+    def _samples(self, t0_ns: int, t1_ns: int, reasons: list[str] | None = None) -> list[Samples]:
+        """Every source's samples over [t0_ns, t1_ns], the meter log's included."""
+        out = list(self.sampler.samples(t0_ns, t1_ns)) if self.sampler is not None else []
+        if self.node_log is not None:
+            try:
+                out.append(self.node_log().between(t0_ns, t1_ns))
+            except Exception as exc:  # a meter log that cannot be read must not end the sweep
+                if reasons is not None:
+                    reasons.append(f"power log: {exc}")
+        return out
 
     def why_inactive(self) -> str:
         """Why no energy can be measured (the reasons each source is missing)."""
@@ -118,7 +130,7 @@ class PowerSession:
         """Average power (W) over [t0_ns, t1_ns] from the first source with enough samples:
         a counter's energy difference over time, or the mean of power readings. Used only
         to judge steadiness during warm-up, never reported."""
-        for s in self.sampler.samples(t0_ns, t1_ns):
+        for s in self._samples(t0_ns, t1_ns):
             if s.t_ns.size < 2:
                 continue
             if s.info.quantity == "energy":
@@ -165,18 +177,19 @@ class PowerSession:
     def close(self) -> None:
         """Stop sampling and release the sources."""
         try:
-            if self.sources:
+            if self.sampler is not None:
                 self.sampler.stop()
         finally:
             for src in self.sources:
-                try:
+                # Closing is best effort: the results are already written.
+                with contextlib.suppress(Exception):
                     src.close()
-                except Exception:  # closing is best effort; the results are already written
-                    pass
 
     # -- idle -------------------------------------------------------------------------------
 
-    def measure_idle(self, seconds: float | None = None, log: Callable[[str], None] = print) -> dict:
+    def measure_idle(
+        self, seconds: float | None = None, log: Callable[[str], None] = print
+    ) -> dict:
         """Sample with the device idle and record each source's idle power (W) and its
         measured update period. Blocks for max(IDLE_MIN_S, IDLE_MIN_UPDATES periods)."""
         from engine.energy import idle_power
@@ -184,17 +197,24 @@ class PowerSession:
         period = self.slowest_update_period_s() or 0.1
         seconds = seconds if seconds is not None else max(IDLE_MIN_S, IDLE_MIN_UPDATES * period)
         log(f"measuring idle power for {seconds:.1f} s (device idle) ...")
-        t0 = time.monotonic_ns()
+        t_begin = time.monotonic_ns()
         time.sleep(seconds)
         t1 = time.monotonic_ns()
-        for s in self.sampler.samples(t0, t1):
+        # The first quarter (>= 5 updates) lets every source post an update that lies wholly
+        # inside the idle span; energy is attributed over the rest.
+        t0 = t_begin + (t1 - t_begin) // 4
+        for s in self._samples(t_begin, t1):
             measured = observed_update_period_s(s)
             if measured:
                 self.update_period_s[s.info.name] = measured
             try:
                 p_w, u_w = idle_power(s, t0, t1)
             except ValueError as exc:
-                self.idle[s.info.name] = {"power_w": None, "uncertainty_w": None, "reason": str(exc)}
+                self.idle[s.info.name] = {
+                    "power_w": None,
+                    "uncertainty_w": None,
+                    "reason": str(exc),
+                }
                 continue
             ok = p_w is not None and math.isfinite(p_w)
             self.idle[s.info.name] = {
@@ -229,13 +249,8 @@ class PowerSession:
         window_s = float(np.sum(end_ns - start_ns)) / 1e9
         margin_ns = int(max(self.max_gap_s, 2 * (self.slowest_update_period_s() or 0.1)) * 1e9)
         t_lo, t_hi = int(start_ns.min()) - margin_ns, int(end_ns.max()) + margin_ns
-        samples = list(self.sampler.samples(t_lo, t_hi)) if self.sources else []
         reasons: list[str] = []
-        if self.node_log is not None:
-            try:
-                samples.append(self.node_log().between(t_lo, t_hi))
-            except Exception as exc:  # a meter log that cannot be read must not end the sweep
-                reasons.append(f"power log: {exc}")
+        samples = self._samples(t_lo, t_hi, reasons)
 
         per_source: list[dict] = []
         estimates: dict[str, tuple] = {}
@@ -249,9 +264,7 @@ class PowerSession:
                 "update_period_s": self.update_period_s.get(s.info.name),
             }
             try:
-                we = attribute(
-                    s, start_ns, end_ns, align_ns=align_ns, max_gap_s=self.max_gap_s
-                )
+                we = attribute(s, start_ns, end_ns, align_ns=align_ns, max_gap_s=self.max_gap_s)
             except ValueError as exc:
                 entry.update(valid=False, reason=str(exc))
                 per_source.append(entry)
@@ -280,7 +293,13 @@ class PowerSession:
         by_boundary = self._by_boundary(estimates)
         checks = self._cross_checks(estimates, cross_check)
         block = self._energy_block(
-            by_boundary, checks, per_source, reasons, window_s, tokens_per_step, step_s,
+            by_boundary,
+            checks,
+            per_source,
+            reasons,
+            window_s,
+            tokens_per_step,
+            step_s,
             scaled_from_layers,
         )
         trace = self._trace(samples, start_ns, end_ns, point_t0_ns)
@@ -412,7 +431,8 @@ class PowerSession:
             "sm_clock_mhz": None,
             "temperature_c": None,
             "windows_s": [
-                [round((a - t0) / 1e9, 6), round((b - t0) / 1e9, 6)] for a, b in zip(start_ns, end_ns)
+                [round((a - t0) / 1e9, 6), round((b - t0) / 1e9, 6)]
+                for a, b in zip(start_ns, end_ns)
             ],
         }
 
@@ -449,3 +469,75 @@ def null_energy(reason: str) -> dict:
         sources=[],
     )
     return block
+
+
+def open_session(
+    power: str = "auto",
+    power_log: str | None = None,
+    power_log_offset_s: float | None = None,
+    gpu_index: int | None = None,
+    sampler_mode: str | None = None,
+    log: Callable[[str], None] = print,
+) -> PowerSession:
+    """Open the sources named by ``power`` ("auto", "none" or a comma list of modules),
+    start sampling them, and return the session (inactive when nothing is usable).
+
+    ``gpu_index`` keeps only the GPU sources of the device the backend runs on (None: all).
+    ``power_log`` is an external meter's log (node boundary), reread at every point.
+    Raises ValueError (one line) for an unknown source name or an unreadable log.
+    """
+    from engine.power.discover import discover_sources
+    from engine.power.sampler import Sampler
+
+    sources, reasons = discover_sources(power)
+    if gpu_index is not None:
+        keep = [s for s in sources if not _is_other_gpu(s.info, gpu_index)]
+        for s in sources:
+            if s not in keep:
+                s.close()
+        sources = keep
+    node_log = None
+    if power_log:
+        from engine.power.replay import ReplayLog
+
+        # Fail now, once, rather than at every point (a relative-time log needs an offset).
+        _ = ReplayLog.load(power_log, clock_offset_s=power_log_offset_s).samples
+
+        def node_log() -> Samples:
+            return ReplayLog.load(power_log, clock_offset_s=power_log_offset_s).samples
+
+    for reason in reasons:
+        log(f"power: {reason}")
+    kwargs = {"mode": sampler_mode} if sampler_mode else {}
+    sampler = Sampler(sources, **kwargs) if sources else None
+    state = None
+    nvml_index = gpu_index if gpu_index is not None else 0
+    if any(s.info.name.startswith("nvml") for s in sources):
+        from engine.power import nvml
+
+        def state() -> dict:
+            return nvml.device_state(nvml_index)
+
+    session = PowerSession(
+        sources=sources,
+        sampler=sampler,
+        reasons=list(reasons),
+        node_log=node_log,
+        device_state=state,
+    )
+    if sampler is not None:
+        sampler.start()
+    for s in sources:
+        i = s.info
+        log(
+            f"power: {i.name} ({i.quantity}, {i.boundary}" + (f", {i.device})" if i.device else ")")
+        )
+    return session
+
+
+def _is_other_gpu(info: SourceInfo, gpu_index: int) -> bool:
+    """Whether a source belongs to a GPU other than ``gpu_index`` (names are module:index:...)."""
+    if not info.boundary.startswith("gpu"):
+        return False
+    parts = info.name.split(":")
+    return len(parts) > 1 and parts[1].isdigit() and int(parts[1]) != gpu_index
