@@ -83,7 +83,7 @@ __device__ __forceinline__ void gqa_decode(const float* __restrict__ q, const vo
   const int split = blockIdx.x, hg = blockIdx.y, b = blockIdx.z;
   const int splits = gridDim.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int rg = warp * RPW + lane / LPR;  // row group of this lane
+  const int rg = warp * RPW + lane / LPR;  // row group of this lane (rows rg, rg + NRG, ...)
   const int part = lane % LPR;             // which 8 dims
   const int h0 = hg * G;                   // first query head of the block
   const int kvh = h0 / (Hq / Hkv);
@@ -111,18 +111,22 @@ __device__ __forceinline__ void gqa_decode(const float* __restrict__ q, const vo
   }
 
   const size_t head_base = ((size_t)b * Hkv + kvh) * Lmax;
-  for (int t = lo + rg; t < hi; t += 2 * NRG) {
-    const int t2 = t + NRG;
-    const bool ok2 = t2 < hi;
+  // The loop runs the same number of times on every lane of a warp (the shuffles below need
+  // the whole warp); a row group whose row is past the end feeds a score of -inf.
+  const int sub = lane / LPR;  // row group inside the warp
+  for (int base = lo + warp * RPW; base < hi; base += 2 * NRG) {
+    const int t = base + sub, t2 = t + NRG;
+    const bool ok1 = t < hi, ok2 = t2 < hi;
     float k1[8], v1[8], k2[8], v2[8];
-    load_kv8<KV>(k_cache, (head_base + t) * D + part * 8, kv_scale, k1);
-    load_kv8<KV>(v_cache, (head_base + t) * D + part * 8, kv_scale, v1);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) k1[i] = v1[i] = k2[i] = v2[i] = 0.0f;
+    if (ok1) {
+      load_kv8<KV>(k_cache, (head_base + t) * D + part * 8, kv_scale, k1);
+      load_kv8<KV>(v_cache, (head_base + t) * D + part * 8, kv_scale, v1);
+    }
     if (ok2) {
       load_kv8<KV>(k_cache, (head_base + t2) * D + part * 8, kv_scale, k2);
       load_kv8<KV>(v_cache, (head_base + t2) * D + part * 8, kv_scale, v2);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) k2[i] = v2[i] = 0.0f;
     }
 #pragma unroll
     for (int g = 0; g < G; ++g) {
@@ -137,7 +141,7 @@ __device__ __forceinline__ void gqa_decode(const float* __restrict__ q, const vo
         s1 += __shfl_xor_sync(0xffffffffu, s1, o);
         s2 += __shfl_xor_sync(0xffffffffu, s2, o);
       }
-      const float sc[2] = {s1, ok2 ? s2 : tpj_neg_inf()};
+      const float sc[2] = {ok1 ? s1 : tpj_neg_inf(), ok2 ? s2 : tpj_neg_inf()};
       float p[2];
       const float corr = tpj_softmax_fold<2>(m[g], l[g], sc, p);
 #pragma unroll
