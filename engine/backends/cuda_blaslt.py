@@ -62,17 +62,22 @@ class MatrixLayout:
     ld: int
 
 
-def layouts(g: LtGemm) -> dict[str, MatrixLayout]:
-    """A (weights, k x n), B (activations, k x m), C and D (float32 n x m), column-major."""
+def layouts(g: LtGemm, c_type: int = CUDA_R_32F) -> dict[str, MatrixLayout]:
+    """A (weights, k x n), B (activations, k x m), C (``c_type``) and D (float32), n x m,
+    column-major. C is never read (beta = 0); its type only selects cuBLASLt's kernel family:
+    FP8 and FP4 GEMMs with a float32 D may need a BF16 C (``C_TYPES`` are tried in turn)."""
     w_type = CUDA_R_16BF if g.kind == "bf16" else _TYPES[g.w_fmt]
     x_type = CUDA_R_16BF if g.kind == "bf16" else _TYPES[g.x_fmt]
-    d = MatrixLayout(CUDA_R_32F, g.n, g.m, g.n)
     return {
         "a": MatrixLayout(w_type, g.k, g.n, g.k),
         "b": MatrixLayout(x_type, g.k, g.m, g.k),
-        "c": d,
-        "d": d,
+        "c": MatrixLayout(c_type, g.n, g.m, g.n),
+        "d": MatrixLayout(CUDA_R_32F, g.n, g.m, g.n),
     }
+
+
+#: C types tried for a float32 D, in order (float32 first).
+C_TYPES = (CUDA_R_32F, CUDA_R_16BF)
 
 
 def scale_mode(g: LtGemm) -> int | None:
@@ -127,6 +132,8 @@ class CublasLt:
         self.workspace = cupy.cuda.Memory(WORKSPACE_BYTES)
         self.cache = AlgoCache(self._heuristic)
         self._keep: list = []  # descriptors and host scalars referenced by captured graphs
+        self._c_buf = None
+        self._keep_buffers: list = []
 
     def _set(self, desc: int, attr: str, value) -> None:
         lt = self.lt
@@ -134,7 +141,9 @@ class CublasLt:
         buf = np.array([value], dtype=lt.get_matmul_desc_attribute_dtype(enum))
         lt.matmul_desc_set_attribute(desc, enum, buf.ctypes.data, buf.itemsize)
 
-    def _descriptors(self, g: LtGemm, w_scales: int = 0, x_scales: int = 0) -> tuple:
+    def _descriptors(
+        self, g: LtGemm, w_scales: int = 0, x_scales: int = 0, c_type: int = CUDA_R_32F
+    ) -> tuple:
         lt = self.lt
         desc = lt.matmul_desc_create(COMPUTE_32F, CUDA_R_32F)
         self._set(desc, "TRANSA", OP_T)
@@ -148,53 +157,56 @@ class CublasLt:
                 self._set(desc, "B_SCALE_POINTER", x_scales)
         lays = {
             name: lt.matrix_layout_create(m.dtype, m.rows, m.cols, m.ld)
-            for name, m in layouts(g).items()
+            for name, m in layouts(g, c_type).items()
         }
         return desc, lays
 
     def _heuristic(self, g: LtGemm) -> tuple[object, int]:
+        """(algorithm, workspace bytes); the algorithm carries the C type it was found for."""
         lt = self.lt
-        desc, lays = self._descriptors(g)
         pref = lt.matmul_preference_create()
         ws = np.array([WORKSPACE_BYTES], dtype=np.uint64)
         lt.matmul_preference_set_attribute(
             pref, lt.MatmulPreferenceAttribute.MAX_WORKSPACE_BYTES, ws.ctypes.data, 8
         )
-        results = lt.MatmulHeuristicResult(1)
-        count = np.zeros(1, dtype=np.int32)
-        try:
-            lt.matmul_algo_get_heuristic(
-                self.handle,
-                desc,
-                lays["a"],
-                lays["b"],
-                lays["c"],
-                lays["d"],
-                pref,
-                1,
-                results.ptr,
-                count.ctypes.data,
-            )
-        except Exception as exc:
-            count[0] = 0
-            why = f": {exc}"
-        else:
-            why = ""
-        if count[0] < 1:
-            raise UnsupportedPoint(
-                f"cuBLASLt has no {g.kind} algorithm for m={g.m} n={g.n} k={g.k} "
-                f"(w={g.w_fmt}, x={g.x_fmt}, float32 output){why}"
-            )
-        # The algorithm struct is the result's first field, so results.ptr points at it.
-        return results, min(int(results.workspace_size), WORKSPACE_BYTES)
+        why = ""
+        for c_type in C_TYPES:
+            desc, lays = self._descriptors(g, c_type=c_type)
+            results = lt.MatmulHeuristicResult(1)
+            count = np.zeros(1, dtype=np.int32)
+            try:
+                lt.matmul_algo_get_heuristic(
+                    self.handle, desc, lays["a"], lays["b"], lays["c"], lays["d"], pref, 1,
+                    results.ptr, count.ctypes.data,
+                )  # fmt: skip
+            except Exception as exc:  # nvmath raises cuBLASLtError (not supported)
+                count[0] = 0
+                why = f": {' '.join(str(exc).split())[:120]}"
+            if count[0] >= 1:
+                if c_type != CUDA_R_32F:
+                    self._grow_c(2 * g.m * g.n)
+                # The algorithm struct is the result's first field, so results.ptr points at it.
+                return (results, c_type), min(int(results.workspace_size), WORKSPACE_BYTES)
+        raise UnsupportedPoint(
+            f"cuBLASLt has no {g.kind} algorithm for m={g.m} n={g.n} k={g.k} "
+            f"(w={g.w_fmt}, x={g.x_fmt}, float32 output){why}"
+        )
+
+    def _grow_c(self, nbytes: int) -> None:
+        """A C buffer of another type than D: cuBLASLt forbids C == D then. Grown here, outside
+        graph capture (heuristics run on the eager step); old buffers stay alive for graphs."""
+        if self._c_buf is None or self._c_buf.size < nbytes:
+            if self._c_buf is not None:
+                self._keep_buffers.append(self._c_buf)
+            self._c_buf = self.cupy.cuda.Memory(nbytes)
 
     def matmul(
         self, g: LtGemm, w: int, x: int, y: int, w_scales: int, x_scales: int, stream: int
     ) -> None:
         """Enqueue one GEMM on ``stream`` (capturable: no allocation happens here)."""
         lt = self.lt
-        algo, _ = self.cache.get(g)
-        desc, lays = self._descriptors(g, w_scales, x_scales)
+        (algo, c_type), _ = self.cache.get(g)
+        desc, lays = self._descriptors(g, w_scales, x_scales, c_type)
         alpha = np.array([g.alpha], dtype=np.float32)
         beta = np.zeros(1, dtype=np.float32)
         self._keep.append((desc, lays, alpha, beta))
@@ -207,7 +219,7 @@ class CublasLt:
             x,
             lays["b"],
             beta.ctypes.data,
-            y,
+            y if c_type == CUDA_R_32F else self._c_buf.ptr,  # C is not read (beta = 0)
             lays["c"],
             y,
             lays["d"],
