@@ -9,8 +9,10 @@ Protocol (docs/methodology.md states it for readers):
    ``max_warmup_s`` (then the point is flagged ``not_steady``).
 2. Measure: ``repetitions`` windows of back-to-back steps that together last at least
    ``duration_s`` and, with a power source, at least ``min_sensor_updates`` updates of the
-   slowest source. Between windows the device pauses for a random time in [0, one update
-   period): a sampling sensor then sees a different phase of the step in each window.
+   slowest source. Between windows the device pauses for a random 3 to 4 update periods:
+   a sampling sensor then sees a different phase of the step in each window, and each
+   pause is long enough for the sensor to see the idle level on its own, which the energy
+   attribution needs to split the update spans that straddle a window edge.
 3. Each step's window is stamped on the host monotonic clock (ns). When only some
    distinct layers were run, each step's time is scaled per layer class: time outside
    layers + sum over classes of (time in that class's run layers x layers of that class in
@@ -167,7 +169,7 @@ def _measure_windows(
     windows = []
     for r in range(reps):
         if r and pause_max_s:
-            time.sleep(float(rng.uniform(0.0, pause_max_s)))
+            time.sleep(float(rng.uniform(3.0, 4.0)) * pause_max_s)
         windows.append(_concat(_run_for(runner, total_s / reps, steps_floor, guess_s)))
     return windows, total_s
 
