@@ -247,7 +247,10 @@ class SelfTest:
         ]
 
         def fmt(v, f):
-            return f"{v:{f}}" if isinstance(v, (int, float)) and v is not None else "-"
+            if isinstance(v, (int, float)):
+                return f"{v:{f}}"
+            width = "".join(ch for ch in f.split(".")[0] if ch.isdigit())
+            return "-".rjust(int(width) if width else 1)
 
         for row in self.results["kernels"]:
             if not row["ok"]:
