@@ -118,6 +118,14 @@ def _parser() -> argparse.ArgumentParser:
         "epoch times are mapped through the host's wall clock)",
     )
     p.add_argument(
+        "--power-log-averaging",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds each power value of the log averages, as the meter states it (default: "
+        "unknown, taken as instantaneous: a wide uncertainty)",
+    )
+    p.add_argument(
         "--idle",
         type=float,
         default=None,
@@ -175,6 +183,8 @@ def _validate(args: argparse.Namespace):
         raise UsageError("--min-steps must be >= 1")
     if args.repetitions < 1:
         raise UsageError("--repetitions must be >= 1")
+    if args.power_log_averaging is not None and args.power_log_averaging < 0:
+        raise UsageError("--power-log-averaging must be >= 0 seconds")
     if args.idle is not None and args.idle <= 0:
         raise UsageError("--idle must be > 0 seconds")
     if args.memory_gb is not None and args.memory_gb <= 0:
@@ -247,6 +257,7 @@ def run(argv: list[str] | None = None) -> int:
                 args.power,
                 power_log=args.power_log,
                 power_log_offset_s=args.power_log_offset,
+                power_log_averaging_s=args.power_log_averaging,
                 gpu_index=getattr(backend, "device_index", None),
                 log=log,
             )

@@ -17,6 +17,7 @@ average power of those that were.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -70,13 +71,16 @@ def trace_power_w(
 
 @dataclass
 class BoundaryEnergy:
-    """Energy of one boundary over a point's windows, from its best source per device."""
+    """Average power of one boundary over a point's attributed windows, from its best source
+    per device (W), and how many windows were attributed."""
 
     boundary: str
-    energy_j: float
-    uncertainty_j: float
+    power_w: float
+    power_uncertainty_w: float
     sources: list[str]
     coverage: float
+    windows_attributed: int
+    windows: int
 
 
 @dataclass
@@ -199,11 +203,12 @@ class PowerSession:
         log(f"measuring idle power for {seconds:.1f} s (device idle) ...")
         t_begin = time.monotonic_ns()
         time.sleep(seconds)
-        t1 = time.monotonic_ns()
-        # The first quarter (>= 5 updates) lets every source post an update that lies wholly
-        # inside the idle span; energy is attributed over the rest.
-        t0 = t_begin + (t1 - t_begin) // 4
-        for s in self._samples(t_begin, t1):
+        t_end = time.monotonic_ns()
+        # The first and last quarters (>= 5 updates each) give every source whole update
+        # spans before and after the span attributed, as the attribution needs.
+        quarter = (t_end - t_begin) // 4
+        t0, t1 = t_begin + quarter, t_end - quarter
+        for s in self._samples(t_begin, t_end):
             measured = observed_update_period_s(s)
             if measured:
                 self.update_period_s[s.info.name] = measured
@@ -247,6 +252,10 @@ class PowerSession:
         start_ns = np.asarray(start_ns, np.int64)
         end_ns = np.asarray(end_ns, np.int64)
         window_s = float(np.sum(end_ns - start_ns)) / 1e9
+        # The last window's edge needs whole sensor updates after it: wait for them.
+        settle_ns = int(end_ns.max() + 2.5 * (self.slowest_update_period_s() or 0.0) * 1e9)
+        if self.sources and time.monotonic_ns() < settle_ns:
+            time.sleep((settle_ns - time.monotonic_ns()) / 1e9)
         margin_ns = int(max(self.max_gap_s, 2 * (self.slowest_update_period_s() or 0.1)) * 1e9)
         t_lo, t_hi = int(start_ns.min()) - margin_ns, int(end_ns.max()) + margin_ns
         reasons: list[str] = []
@@ -270,25 +279,38 @@ class PowerSession:
                 per_source.append(entry)
                 continue
             bad = [r for r, ok in zip(we.reasons, we.valid) if not ok and r]
-            if not bool(np.all(we.valid)):
+            n_ok, n_all = int(np.sum(we.valid)), int(we.valid.size)
+            entry["windows_attributed"] = f"{n_ok}/{n_all}"
+            if n_ok * 2 < n_all or n_ok == 0:
+                # Fewer than half the windows seen: too little to stand for the point.
                 entry.update(
                     valid=False,
-                    reason=f"{int(np.sum(~we.valid))}/{we.valid.size} windows invalid: "
+                    reason=f"{n_all - n_ok}/{n_all} windows could not be attributed: "
                     + (bad[0] if bad else "unknown"),
                 )
                 per_source.append(entry)
                 continue
             e_j, u_j = pooled(we)
+            t_ok_s = float(np.sum((end_ns - start_ns)[we.valid])) / 1e9
             entry.update(
                 valid=True,
                 method=we.method,
                 energy_j=float(e_j),
                 uncertainty_j=float(u_j),
-                coverage=float(np.mean(we.coverage)),
-                reason=None,
+                attributed_window_s=t_ok_s,
+                avg_power_w=float(e_j) / t_ok_s,
+                coverage=float(np.mean(we.coverage[we.valid])),
+                reason=None if n_ok == n_all else f"windows not attributed: {bad[0]}",
             )
             per_source.append(entry)
-            estimates[s.info.name] = (s.info, we, e_j, u_j)
+            estimates[s.info.name] = (
+                s.info,
+                we,
+                float(e_j) / t_ok_s,
+                float(u_j) / t_ok_s,
+                n_ok,
+                n_all,
+            )
 
         by_boundary = self._by_boundary(estimates)
         checks = self._cross_checks(estimates, cross_check)
@@ -307,25 +329,27 @@ class PowerSession:
 
     def _by_boundary(self, estimates: dict[str, tuple]) -> dict[str, BoundaryEnergy]:
         # Per boundary and device, keep the estimate with the smallest relative uncertainty;
-        # a boundary's energy is the sum over its devices (e.g. two CPU packages).
+        # a boundary's power is the sum over its devices (e.g. two CPU packages).
         best: dict[tuple[str, str | None], tuple] = {}
-        for name, (info, we, e_j, u_j) in estimates.items():
+        for name, (info, we, p_w, u_w, n_ok, n_all) in estimates.items():
             key = (info.boundary, info.device)
-            rel = u_j / e_j if e_j > 0 else math.inf
+            rel = u_w / p_w if p_w > 0 else math.inf
             if key not in best or rel < best[key][0]:
-                best[key] = (rel, name, e_j, u_j, float(np.mean(we.coverage)))
+                cov = float(np.mean(we.coverage[we.valid]))
+                best[key] = (rel, name, p_w, u_w, cov, n_ok, n_all)
         out: dict[str, BoundaryEnergy] = {}
-        for (boundary, _device), (_rel, name, e_j, u_j, cov) in sorted(
+        for (boundary, _device), (_rel, name, p_w, u_w, cov, n_ok, n_all) in sorted(
             best.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))
         ):
             if boundary in out:
                 b = out[boundary]
-                b.energy_j += e_j
-                b.uncertainty_j = math.hypot(b.uncertainty_j, u_j)
+                b.power_w += p_w
+                b.power_uncertainty_w += u_w  # devices' errors may share a sign: linear
                 b.sources.append(name)
                 b.coverage = min(b.coverage, cov)
+                b.windows_attributed = min(b.windows_attributed, n_ok)
             else:
-                out[boundary] = BoundaryEnergy(boundary, e_j, u_j, [name], cov)
+                out[boundary] = BoundaryEnergy(boundary, p_w, u_w, [name], cov, n_ok, n_all)
         return out
 
     @staticmethod
@@ -364,6 +388,12 @@ class PowerSession:
         for c in checks:
             if c.get("flag") or c.get("agree") is False:
                 flags.append(f"counter and power disagree: {c['a']} vs {c['b']}")
+        for name, b in by_boundary.items():
+            if b.windows_attributed < b.windows:
+                flags.append(
+                    f"{name}: {b.windows_attributed}/{b.windows} windows attributed; the "
+                    "average power of those stands for the rest"
+                )
         if primary is None:
             why = [e["name"] + ": " + e["reason"] for e in per_source if e.get("reason")]
             reason = "; ".join(why + reasons + self.reasons) or NO_SOURCE_REASON
@@ -387,8 +417,7 @@ class PowerSession:
         return block
 
     def _figures(self, b: BoundaryEnergy, window_s: float, batch: int, step_s: float) -> dict:
-        power_w = b.energy_j / window_s
-        power_u_w = b.uncertainty_j / window_s
+        power_w, power_u_w = b.power_w, b.power_uncertainty_w
         jpt = power_w * step_s / batch
         tpj = 1.0 / jpt if jpt > 0 else None
         idle = [self.idle.get(name, {}).get("power_w") for name in b.sources]
@@ -397,13 +426,13 @@ class PowerSession:
         idle_u_w = math.sqrt(sum(u * u for u in idle_u)) if idle_w is not None else None
         above = None if idle_w is None else (power_w - idle_w) * step_s / batch
         return {
-            "energy_j": b.energy_j,
-            "energy_uncertainty_j": b.uncertainty_j,
+            "energy_j": power_w * window_s,
+            "energy_uncertainty_j": power_u_w * window_s,
             "avg_power_w": power_w,
             "avg_power_uncertainty_w": power_u_w,
             "idle_power_w": idle_w,
             "idle_power_uncertainty_w": idle_u_w,
-            "energy_above_idle_j": None if idle_w is None else b.energy_j - idle_w * window_s,
+            "energy_above_idle_j": None if idle_w is None else (power_w - idle_w) * window_s,
             "joules_per_token": jpt,
             "tokens_per_joule": tpj,
             "tokens_per_joule_uncertainty": (
@@ -411,6 +440,8 @@ class PowerSession:
             ),
             "tokens_per_joule_above_idle": (1.0 / above) if above and above > 0 else None,
             "coverage": b.coverage,
+            "windows_attributed": b.windows_attributed,
+            "windows": b.windows,
             "sources": b.sources,
         }
 
@@ -426,6 +457,7 @@ class PowerSession:
         t0 = int(t0_ns if t0_ns is not None else start_ns.min())
         return {
             "source": s.info.name,
+            "t0_host_ns": t0,
             "t_s": ((t_ns - t0) / 1e9).round(6).tolist(),
             "power_w": np.asarray(p_w).round(3).tolist(),
             "sm_clock_mhz": None,
@@ -450,6 +482,8 @@ _FIGURE_KEYS = (
     "tokens_per_joule_uncertainty",
     "tokens_per_joule_above_idle",
     "coverage",
+    "windows_attributed",
+    "windows",
 )
 
 
@@ -475,6 +509,7 @@ def open_session(
     power: str = "auto",
     power_log: str | None = None,
     power_log_offset_s: float | None = None,
+    power_log_averaging_s: float | None = None,
     gpu_index: int | None = None,
     sampler_mode: str | None = None,
     log: Callable[[str], None] = print,
@@ -483,7 +518,10 @@ def open_session(
     start sampling them, and return the session (inactive when nothing is usable).
 
     ``gpu_index`` keeps only the GPU sources of the device the backend runs on (None: all).
-    ``power_log`` is an external meter's log (node boundary), reread at every point.
+    ``power_log`` is an external meter's log (node boundary), reread at every point;
+    ``power_log_averaging_s`` the span each of its power values averages, as the meter's
+    manual states it (None: unknown, so each value is taken as an instantaneous reading,
+    which sees almost none of the time and makes the uncertainty wide).
     Raises ValueError (one line) for an unknown source name or an unreadable log.
     """
     from engine.power.discover import discover_sources
@@ -500,11 +538,15 @@ def open_session(
     if power_log:
         from engine.power.replay import ReplayLog
 
-        # Fail now, once, rather than at every point (a relative-time log needs an offset).
-        _ = ReplayLog.load(power_log, clock_offset_s=power_log_offset_s).samples
-
         def node_log() -> Samples:
-            return ReplayLog.load(power_log, clock_offset_s=power_log_offset_s).samples
+            samples = ReplayLog.load(power_log, clock_offset_s=power_log_offset_s).samples
+            if power_log_averaging_s is not None and samples.info.quantity == "power":
+                info = dataclasses.replace(samples.info, averaging_window_s=power_log_averaging_s)
+                samples = Samples(info, samples.t_ns, samples.value)
+            return samples
+
+        # Fail now, once, rather than at every point (a relative-time log needs an offset).
+        node_log()
 
     for reason in reasons:
         log(f"power: {reason}")
