@@ -308,3 +308,19 @@ def test_process_mode_child_exits_when_parent_dies(tmp_path):
     finally:
         parent.kill()
         parent.wait(10)
+
+
+def test_default_poll_interval_follows_what_the_source_needs() -> None:
+    from engine.power.base import SourceInfo
+    from engine.power.sampler import default_poll_interval_s
+
+    def info(quantity, period_s, window_s):
+        return SourceInfo("s", "gpu-board", quantity, period_s, window_s)
+
+    # A sampling power reading: ten polls per update, within [0.5 ms, 10 ms].
+    assert default_poll_interval_s(info("power", 0.1, 0.025)) == pytest.approx(0.01)
+    assert default_poll_interval_s(info("power", 0.002, 0.0)) == pytest.approx(0.0005)
+    # An integrating counter updating every 1 ms (RAPL) needs no 2 kHz polling.
+    assert default_poll_interval_s(info("energy", 0.001, None)) == pytest.approx(0.005)
+    assert default_poll_interval_s(info("energy", 0.1, None)) == pytest.approx(0.01)
+    assert default_poll_interval_s(info("power", None, None)) == pytest.approx(0.005)

@@ -80,6 +80,8 @@ MAX_DEFAULT_POLL_S = 10e-3
 #: Fastest default poll interval, s: below this the sleep overshoot (timer slack, ~50-100 us)
 #: dominates and the sampler's own cost grows for no new information.
 MIN_DEFAULT_POLL_S = 0.5e-3
+#: Fastest default poll interval of an integrating energy counter, s.
+INTEGRATING_COUNTER_POLL_S = 5e-3
 #: Poll interval for a source whose update period is unknown, s.
 UNKNOWN_PERIOD_POLL_S = 5e-3
 #: How often a source's own buffer is drained, s: a driver buffer holds many samples, so
@@ -97,11 +99,17 @@ REPLY_TIMEOUT_S = 60.0
 
 def default_poll_interval_s(info: SourceInfo) -> float:
     """The poll interval, in s, used for a source when none is asked: a tenth of its update
-    period, at most 10 ms and at least 0.5 ms; 5 ms when the period is unknown."""
+    period, at most 10 ms and at least 0.5 ms; 5 ms when the period is unknown. An
+    integrating counter is polled at most every 5 ms: it loses no energy between polls, a poll
+    only places window edges (to +-2.5 ms), and polling a 1 ms counter (RAPL) at 2 kHz would
+    cost the CPU workload it measures several percent (see the table above)."""
     period_s = info.update_period_s
     if period_s is None or not period_s > 0:
         return UNKNOWN_PERIOD_POLL_S
-    return max(MIN_DEFAULT_POLL_S, min(period_s / POLLS_PER_UPDATE, MAX_DEFAULT_POLL_S))
+    interval_s = max(MIN_DEFAULT_POLL_S, min(period_s / POLLS_PER_UPDATE, MAX_DEFAULT_POLL_S))
+    if info.quantity == "energy" and info.averaging_window_s is None:
+        interval_s = max(interval_s, INTEGRATING_COUNTER_POLL_S)
+    return interval_s
 
 
 def one_line(exc: BaseException) -> str:
