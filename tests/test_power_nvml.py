@@ -215,6 +215,12 @@ def test_buffered_read_returns_newest_without_moving_position(monkeypatch):
     assert src.read()[1] == pytest.approx(250.5)
     assert src.last_seen_us == 0
     assert len(src.read_buffered()[0]) == 2
+    # Once drained, a poll reads the newest drained sample without asking the driver again.
+    calls = sum(fn == "nvmlDeviceGetSamples" for fn, _ in gpu.calls)
+    t_ns, power_w = src.read()
+    assert power_w == pytest.approx(250.5)
+    assert abs(t_ns - (time.monotonic_ns() - 100_000)) < 50_000_000
+    assert sum(fn == "nvmlDeviceGetSamples" for fn, _ in gpu.calls) == calls
     src.close()
 
 

@@ -386,13 +386,20 @@ class NvmlBufferedPowerSource(NvmlSource):
         """The samples buffered since the last call: (host monotonic ns int64, W float64)."""
         stamps_us, power_w = self._fetch(self.last_seen_us)
         offset_ns, _ = wall_to_monotonic_offset_ns()
+        t_ns = wall_us_to_monotonic_ns(stamps_us, offset_ns)
         if stamps_us.size:
             self.last_seen_us = int(stamps_us[-1])
-        return wall_us_to_monotonic_ns(stamps_us, offset_ns), power_w
+            self._newest = (int(t_ns[-1]), float(power_w[-1]))
+        return t_ns, power_w
 
     def read(self) -> tuple[int, float]:
         """The newest buffered sample: (host monotonic ns of its stamp, W); does not move the
-        ``read_buffered`` position. Raises SourceError when the buffer is empty."""
+        ``read_buffered`` position. Once ``read_buffered`` has run, this is the newest sample
+        it saw (no driver call: fetching the whole buffer at every poll is costly and adds
+        nothing the buffer drain does not). Raises SourceError when the buffer is empty."""
+        newest = getattr(self, "_newest", None)
+        if newest is not None:
+            return newest
         stamps_us, power_w = self._fetch(0)
         if not stamps_us.size:
             raise SourceError(f"NVML GPU {self.index}: the power sample buffer is empty")
