@@ -258,7 +258,7 @@ def run(argv: list[str] | None = None) -> int:
                 power_log=args.power_log,
                 power_log_offset_s=args.power_log_offset,
                 power_log_averaging_s=args.power_log_averaging,
-                gpu_index=getattr(backend, "device_index", None),
+                gpu_pci_bus_id=getattr(backend, "pci_bus_id", None),
                 log=log,
             )
         except (ValueError, SourceError) as exc:

@@ -56,6 +56,7 @@ class FakeGpu:
     name: str = "NVIDIA H100 80GB HBM3"
     uuid: str = "GPU-00000000-0000-0000-0000-000000000000"
     architecture: int = 9  # Hopper
+    pci_bus_id: str = "00000000:00:00.0"
     energy_mj: int = 0
     average_mw: int = 0
     # scope id -> (mW, stamp µs); a scope absent here answers NOT_SUPPORTED in its field value
@@ -128,6 +129,18 @@ class FakeNvml(ModuleType):
             raise NVMLError(2)
         self._gpu(index, "nvmlDeviceGetHandleByIndex")
         return index
+
+    def nvmlDeviceGetHandleByPciBusId(self, bus_id: bytes) -> int:
+        want = bus_id.decode() if isinstance(bus_id, bytes) else bus_id
+        for index, gpu in enumerate(self.gpus):
+            if gpu.pci_bus_id.lower() == want.lower():
+                self._gpu(index, "nvmlDeviceGetHandleByPciBusId")
+                return index
+        raise NVMLError(NVML_ERROR_NOT_FOUND)
+
+    def nvmlDeviceGetIndex(self, handle) -> int:
+        self._gpu(handle, "nvmlDeviceGetIndex")
+        return handle
 
     def nvmlDeviceGetName(self, handle) -> str:
         return self._gpu(handle, "nvmlDeviceGetName").name

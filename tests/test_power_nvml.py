@@ -342,3 +342,27 @@ def test_device_state_without_any_reasons_call(monkeypatch):
     state = nvml.device_state(0)
     assert state["clock_event_reasons"] is None and state["clock_event_reasons_bits"] is None
     assert set(state["unavailable"]) == {"clock_event_reasons"}
+
+
+def test_session_keeps_only_the_sensors_of_the_backends_gpu(monkeypatch):
+    # CUDA may number GPUs differently from NVML (CUDA_VISIBLE_DEVICES): match by bus id.
+    from engine.power.session import open_session
+
+    gpus = [
+        FakeGpu(energy_mj=1000 * (i + 1), pci_bus_id=f"00000000:{0x1B + i:02X}:00.0")
+        for i in range(3)
+    ]
+    _install(monkeypatch, gpus)
+    assert nvml.index_of_pci_bus_id("00000000:1C:00.0") == 1
+    assert nvml.index_of_pci_bus_id("00000000:99:00.0") is None
+    session = open_session("nvml", gpu_pci_bus_id="00000000:1D:00.0", log=lambda m: None)
+    try:
+        assert session.sources and {s.info.name.split(":")[1] for s in session.sources} == {"2"}
+    finally:
+        session.close()
+    unknown = open_session("nvml", gpu_pci_bus_id="00000000:99:00.0", log=lambda m: None)
+    try:
+        assert {s.info.name.split(":")[1] for s in unknown.sources} == {"0", "1", "2"}
+        assert any("99:00.0" in r for r in unknown.reasons)
+    finally:
+        unknown.close()

@@ -57,6 +57,10 @@ class CudaBackend(Backend):
         except Exception as exc:  # CuPy raises CUDARuntimeError
             raise BackendUnavailable(f"no usable CUDA device {device}: {exc}") from None
         self.device = device
+        try:  # matches the device to its NVML sensors (CUDA and NVML number GPUs differently)
+            self.pci_bus_id: str | None = cupy.cuda.Device(device).pci_bus_id
+        except Exception:
+            self.pci_bus_id = None
         cc = (int(self.props["major"]), int(self.props["minor"]))
         if cc < MIN_CC:
             raise BackendUnavailable(

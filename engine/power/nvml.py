@@ -546,3 +546,20 @@ def discover() -> tuple[list[PowerSource], list[str]]:
         return sources, reasons
     finally:
         shutdown()
+
+
+def index_of_pci_bus_id(pci_bus_id: str) -> int | None:
+    """NVML's index of the GPU at ``pci_bus_id`` (e.g. "0000:1B:00.0", as CUDA reports it),
+    or None where NVML cannot say. CUDA's device numbering follows CUDA_VISIBLE_DEVICES and
+    may differ from NVML's, so a backend's GPU is matched to its sensors by bus id."""
+    try:
+        nv = init()
+    except SourceError:
+        return None
+    try:
+        handle = nv.nvmlDeviceGetHandleByPciBusId(pci_bus_id.encode())
+        return int(nv.nvmlDeviceGetIndex(handle))
+    except Exception:  # an unknown bus id or an old driver: the caller keeps every GPU
+        return None
+    finally:
+        shutdown()

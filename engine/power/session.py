@@ -511,13 +511,16 @@ def open_session(
     power_log_offset_s: float | None = None,
     power_log_averaging_s: float | None = None,
     gpu_index: int | None = None,
+    gpu_pci_bus_id: str | None = None,
     sampler_mode: str | None = None,
     log: Callable[[str], None] = print,
 ) -> PowerSession:
     """Open the sources named by ``power`` ("auto", "none" or a comma list of modules),
     start sampling them, and return the session (inactive when nothing is usable).
 
-    ``gpu_index`` keeps only the GPU sources of the device the backend runs on (None: all).
+    ``gpu_index`` (NVML's numbering) keeps only the GPU sources of the device the backend
+    runs on; ``gpu_pci_bus_id`` finds that index from the device's PCI bus id, which is
+    what to pass for a CUDA device (None for both: every GPU's sources are kept).
     ``power_log`` is an external meter's log (node boundary), reread at every point;
     ``power_log_averaging_s`` the span each of its power values averages, as the meter's
     manual states it (None: unknown, so each value is taken as an instantaneous reading,
@@ -528,6 +531,16 @@ def open_session(
     from engine.power.sampler import Sampler
 
     sources, reasons = discover_sources(power)
+    if gpu_pci_bus_id and any(s.info.name.startswith("nvml:") for s in sources):
+        from engine.power.nvml import index_of_pci_bus_id
+
+        found = index_of_pci_bus_id(gpu_pci_bus_id)
+        if found is None:
+            reasons.append(
+                f"NVML does not know the GPU at PCI bus id {gpu_pci_bus_id}; "
+                "the sensors of every GPU are kept"
+            )
+        gpu_index = found if found is not None else gpu_index
     if gpu_index is not None:
         keep = [s for s in sources if not _is_other_gpu(s.info, gpu_index)]
         for s in sources:
