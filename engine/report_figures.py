@@ -264,7 +264,8 @@ def plot_trace(path: Path, title: str, trace: dict, footnote: str) -> Path:
         ("temperature_c", "temperature (°C)", "#ff7f0e"),
     ):
         vals = trace.get(key)
-        if vals and len(vals) == len(t) and any(v is not None for v in vals):
+        times = trace.get("state_t_s") or t  # device state is polled on its own clock
+        if vals and len(vals) == len(times) and any(v is not None for v in vals):
             panels.append((key, label, color))
     fig, axes = plt.subplots(
         len(panels), 1, figsize=(8, 2.2 + 1.7 * len(panels)), sharex=True, squeeze=False
@@ -272,7 +273,8 @@ def plot_trace(path: Path, title: str, trace: dict, footnote: str) -> Path:
     windows = trace.get("windows_s") or []
     for ax, (key, label, color) in zip(axes[:, 0], panels):
         vals = trace.get(key) or []
-        pts = [(a, b) for a, b in zip(t, vals) if a is not None and b is not None]
+        times = t if key == "power_w" else (trace.get("state_t_s") or t)
+        pts = [(a, b) for a, b in zip(times, vals) if a is not None and b is not None]
         ax.plot(
             [a for a, _ in pts],
             [b for _, b in pts],

@@ -137,3 +137,31 @@ def test_observed_update_period_from_polled_changes() -> None:
     truth = sm.with_noise(sm.steps([100.0], [2.0]), rng, 5.0)
     s = sm.observe(truth, sm.H100_INSTANT, 0.005, rng, truth.t0_ns, truth.t1_ns)
     assert observed_update_period_s(s) == pytest.approx(0.1, rel=0.1)
+
+
+def test_a_throttle_inside_the_point_is_seen_not_only_at_its_ends() -> None:
+    import time
+
+    calls = {"n": 0}
+
+    def state() -> dict:
+        calls["n"] += 1
+        # Only the middle polls see the power cap and a lower clock.
+        throttled = 3 <= calls["n"] <= 5
+        return {
+            "sm_clock_mhz": 1500 if throttled else 1980,
+            "temperature_c": 60 + calls["n"],
+            "clock_event_reasons": ["sw_power_cap"] if throttled else ["gpu_idle"],
+        }
+
+    session = PowerSession(sources=[], sampler=None, device_state=state)
+    before = session.device_state_now()
+    session.start_state_watch(interval_s=0.01)
+    time.sleep(0.3)
+    after = session.device_state_now()
+    session.close()
+    summary = session.summarize_state(before, after)
+    assert before["clock_event_reasons"] == ["gpu_idle"] and after["sm_clock_mhz"] == 1980
+    assert summary["throttled"] and summary["reasons_seen"] == ["sw_power_cap"]
+    assert summary["clock_changed"] and summary["sm_clock_mhz_range"] == [1500, 1980]
+    assert summary["polled_states"] >= 5

@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +34,17 @@ TRACE_MAX_POINTS = 2000
 DEFAULT_MAX_GAP_S = 3.0  # as InferenceX: a longer hole in a source's samples voids the point
 IDLE_MIN_S = 2.0
 IDLE_MIN_UPDATES = 20
+STATE_POLL_S = 0.25  # device state (clocks, throttle reasons) polled this often
+STATE_HISTORY = 1 << 14  # states kept (about an hour at 0.25 s): bounded memory
+# Clock-event reasons that are not throttling: idle, a clock the user set, display, sync.
+BENIGN_CLOCK_EVENTS = frozenset(
+    {"gpu_idle", "applications_clocks_setting", "display_clock_setting", "sync_boost", "none"}
+)
+
+
+def _range(values) -> list | None:
+    vals = [v for v in values if v is not None]
+    return [min(vals), max(vals)] if vals else None
 
 
 def observed_update_period_s(samples: Samples) -> float | None:
@@ -100,6 +113,9 @@ class PowerSession:
     max_gap_s: float = DEFAULT_MAX_GAP_S
     idle: dict = field(default_factory=dict)
     update_period_s: dict = field(default_factory=dict)
+    _states: deque = field(default_factory=lambda: deque(maxlen=STATE_HISTORY))
+    _watch: threading.Thread | None = None
+    _watch_stop: threading.Event | None = None
 
     @property
     def active(self) -> bool:
@@ -147,39 +163,72 @@ class PowerSession:
         return None
 
     def device_state_now(self) -> dict | None:
-        """Power limit, clocks, temperature and clock-event reasons now (None if unknown)."""
+        """Power limit, clocks, temperature and clock-event reasons now (None if unknown),
+        stamped with ``t_ns`` (host monotonic)."""
         if self.device_state is None:
             return None
+        t_ns = time.monotonic_ns()
         try:
-            return self.device_state()
+            state = dict(self.device_state())
         except Exception as exc:  # state is provenance, its failure must not void the point
-            return {"error": f"{type(exc).__name__}: {exc}"}
+            state = {"error": f"{type(exc).__name__}: {exc}"}
+        state["t_ns"] = t_ns
+        return state
 
     def sm_clock_mhz(self) -> float | None:
         """The SM clock now (MHz), or None where it cannot be read."""
         state = self.device_state_now()
         return None if not state else state.get("sm_clock_mhz")
 
+    def start_state_watch(self, interval_s: float = STATE_POLL_S) -> None:
+        """Poll the device state in a background thread (every ``interval_s``) so that a
+        throttle or clock change inside a point is seen, not only at its ends."""
+        if self.device_state is None or self._watch is not None:
+            return
+        self._watch_stop = threading.Event()
+
+        def loop() -> None:
+            while not self._watch_stop.wait(interval_s):
+                self._states.append(self.device_state_now())
+
+        self._watch = threading.Thread(target=loop, name="device-state", daemon=True)
+        self._watch.start()
+
     def summarize_state(self, before: dict | None, after: dict | None) -> dict | None:
-        """Device state before and after the point, and what changed between them."""
+        """Device state before and after the point, every clock-event reason seen in between
+        (polled states included), and whether the SM clock changed."""
         if before is None and after is None:
             return None
-        benign = {"gpu_idle", "applications_clocks_setting", "none"}
+        t0 = (before or {}).get("t_ns", 0)
+        t1 = (after or {}).get("t_ns", time.monotonic_ns())
+        during = [st for st in list(self._states) if st and t0 <= st.get("t_ns", -1) <= t1]
+        states = [st for st in (before, *during, after) if st]
         seen = set()
-        for state in (before, after):
-            seen |= set((state or {}).get("clock_event_reasons") or [])
-        seen -= benign
-        clock = [(s or {}).get("sm_clock_mhz") for s in (before, after)]
+        for state in states:
+            seen |= set(state.get("clock_event_reasons") or [])
+        seen -= BENIGN_CLOCK_EVENTS
+        clocks = {st.get("sm_clock_mhz") for st in states} - {None}
         return {
             "before": before,
             "after": after,
+            "polled_states": len(during),
             "reasons_seen": sorted(seen),
             "throttled": bool(seen),
-            "clock_changed": None if None in clock else clock[0] != clock[1],
+            "sm_clock_mhz_range": [min(clocks), max(clocks)] if clocks else None,
+            "clock_changed": len(clocks) > 1 if clocks else None,
+            "temperature_c_range": _range(st.get("temperature_c") for st in states),
         }
+
+    def state_series(self, t0_ns: int, t1_ns: int) -> list[dict]:
+        """The polled device states between t0_ns and t1_ns (for the point's trace)."""
+        return [st for st in list(self._states) if st and t0_ns <= st.get("t_ns", -1) <= t1_ns]
 
     def close(self) -> None:
         """Stop sampling and release the sources."""
+        if self._watch is not None:
+            self._watch_stop.set()
+            self._watch.join(timeout=5)
+            self._watch = None
         try:
             if self.sampler is not None:
                 self.sampler.stop()
@@ -455,13 +504,15 @@ class PowerSession:
             return None
         t_ns, p_w = trace_power_w(s)
         t0 = int(t0_ns if t0_ns is not None else start_ns.min())
+        states = self.state_series(t0, int(end_ns.max()))
         return {
             "source": s.info.name,
             "t0_host_ns": t0,
             "t_s": ((t_ns - t0) / 1e9).round(6).tolist(),
             "power_w": np.asarray(p_w).round(3).tolist(),
-            "sm_clock_mhz": None,
-            "temperature_c": None,
+            "state_t_s": [round((st["t_ns"] - t0) / 1e9, 6) for st in states] or None,
+            "sm_clock_mhz": [st.get("sm_clock_mhz") for st in states] or None,
+            "temperature_c": [st.get("temperature_c") for st in states] or None,
             "windows_s": [
                 [round((a - t0) / 1e9, 6), round((b - t0) / 1e9, 6)]
                 for a, b in zip(start_ns, end_ns)
@@ -582,6 +633,7 @@ def open_session(
     )
     if sampler is not None:
         sampler.start()
+    session.start_state_watch()
     for s in sources:
         i = s.info
         log(
