@@ -34,6 +34,7 @@ TRACE_MAX_POINTS = 2000
 DEFAULT_MAX_GAP_S = 3.0  # as InferenceX: a longer hole in a source's samples voids the point
 IDLE_MIN_S = 2.0
 IDLE_MIN_UPDATES = 20
+CLOCK_TOLERANCE = 0.02  # SM clocks within 2% are one operating point
 STATE_POLL_S = 0.25  # device state (clocks, throttle reasons) polled this often
 STATE_HISTORY = 1 << 14  # states kept (about an hour at 0.25 s): bounded memory
 # Clock-event reasons that are not throttling: idle, a clock the user set, display, sync.
@@ -180,6 +181,15 @@ class PowerSession:
         state = self.device_state_now()
         return None if not state else state.get("sm_clock_mhz")
 
+    @staticmethod
+    def clocks_agree(a_mhz: float | None, b_mhz: float | None) -> bool:
+        """Whether two SM clock readings are the same operating point: within
+        CLOCK_TOLERANCE (boost moves the clock by a few bins at steady state); unknown
+        clocks agree (nothing says otherwise)."""
+        if a_mhz is None or b_mhz is None:
+            return True
+        return abs(a_mhz - b_mhz) <= CLOCK_TOLERANCE * max(a_mhz, b_mhz)
+
     def start_state_watch(self, interval_s: float = STATE_POLL_S) -> None:
         """Poll the device state in a background thread (every ``interval_s``) so that a
         throttle or clock change inside a point is seen, not only at its ends."""
@@ -215,7 +225,7 @@ class PowerSession:
             "reasons_seen": sorted(seen),
             "throttled": bool(seen),
             "sm_clock_mhz_range": [min(clocks), max(clocks)] if clocks else None,
-            "clock_changed": len(clocks) > 1 if clocks else None,
+            "clock_changed": (not self.clocks_agree(min(clocks), max(clocks)) if clocks else None),
             "temperature_c_range": _range(st.get("temperature_c") for st in states),
         }
 
