@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import sys
 import time
 
@@ -275,8 +276,12 @@ def run(argv: list[str] | None = None) -> int:
     if args.report is not None and not interrupted:
         from engine.report import ReportError, write_report
 
+        figures = importlib.util.find_spec("matplotlib") is not None
+        if not figures:
+            log("report: no figures (matplotlib is missing: pip install '.[plot]')")
         try:
-            print(write_report([str(store.path)], args.report or str(store.dir / "report")))
+            out_dir = args.report or str(store.dir / "report")
+            print(write_report([str(store.path)], out_dir, figures=figures))
         except ReportError as exc:
             log(f"report not written: {exc}")
     if interrupted:
