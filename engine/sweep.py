@@ -3,6 +3,11 @@
 With no arguments it runs a small default sweep on whatever the machine has (a CUDA GPU
 when one is usable, else the CPU). Every point becomes one JSON Lines record in the
 output directory (and a CSV row); a rerun with the same directory skips recorded points.
+
+Launched as several ranks (``mpirun -n N python -m engine.sweep --tp T --ep E ...`` or
+``srun``, N = T x E, one rank per device), every point runs sharded over the ranks
+(``engine.dist``): rank 0 writes one merged record per point (cluster figures) and the
+ranks' own records under ``OUT/ranks/``.
 """
 
 from __future__ import annotations
@@ -10,11 +15,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import os
 import sys
 import time
 
+from engine import dist
 from engine.backends import BACKENDS, select_backend
 from engine.backends.base import BackendUnavailable, DoesNotFit, UnsupportedPoint
+from engine.dist.points import Terminated
 from engine.measure import Protocol, measure_point
 from engine.models import SpecError, list_models, load_spec
 from engine.plan import PlanError, build_plan
@@ -140,6 +148,28 @@ def _parser() -> argparse.ArgumentParser:
         help="measured windows per point, separated by random pauses (phase shifts)",
     )
     p.add_argument("--routing", default="uniform", help="MoE routing: uniform or zipf:S")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel degree: heads, FFN and vocabulary split over TP ranks, summed by "
+        "all-reduce (launch TP x EP ranks with mpirun or srun)",
+    )
+    p.add_argument(
+        "--ep",
+        type=int,
+        default=1,
+        help="expert-parallel degree: experts and the batch's sequences split over EP ranks, "
+        "tokens exchanged by all-to-all (--batch is the whole cluster's)",
+    )
+    p.add_argument(
+        "--comm-timeout",
+        type=float,
+        default=dist.DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help="seconds a rank waits for the others in a collective before the point fails "
+        f"(a rank died or hangs; default {dist.DEFAULT_TIMEOUT_S:g})",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     p.add_argument(
         "--report",
@@ -184,6 +214,16 @@ def _validate(args: argparse.Namespace):
         raise UsageError("--min-steps must be >= 1")
     if args.repetitions < 1:
         raise UsageError("--repetitions must be >= 1")
+    if args.tp < 1 or args.ep < 1:
+        raise UsageError("--tp and --ep must be >= 1")
+    uneven = [b for b in _ints(args.batch, "batch") if b % args.ep]
+    if uneven:
+        raise UsageError(
+            f"--batch {','.join(map(str, uneven))} does not divide over --ep {args.ep}: expert "
+            "parallelism splits the batch's sequences over the expert-parallel ranks"
+        )
+    if args.comm_timeout <= 0:
+        raise UsageError("--comm-timeout must be > 0 seconds")
     if args.power_log_averaging is not None and args.power_log_averaging < 0:
         raise UsageError("--power-log-averaging must be >= 0 seconds")
     if args.idle is not None and args.idle <= 0:
@@ -212,25 +252,38 @@ def run(argv: list[str] | None = None) -> int:
         print("\n".join(list_models()))
         return 0
     specs, batches, contexts, precisions = _validate(args)
-    memory_gb = args.memory_gb
-    try:
-        backend, note = select_backend(args.backend, memory_gb)
-    except BackendUnavailable as exc:
-        raise UsageError(str(exc)) from None
-    if memory_gb is None and backend.name == "cpu":
-        backend = type(backend)(memory_budget_gb=DEFAULTS["cpu_memory_gb"])
-    for precision in precisions:
-        reason = backend.precision_unsupported(precision)
-        if reason:
-            raise UsageError(f"precision {precision.name}: {reason}")
-    try:
-        store = ResultStore(args.out)
-        done = store.done_keys(retry_failed=args.retry_failed)
-    except ResultsError as exc:
-        raise UsageError(str(exc)) from None
+    comm = _connect(args)
+    log = _log if comm.is_root else _quiet
+    if comm.size > 1:
+        from engine.dist.points import install_sigterm
 
+        install_sigterm()
+    backend, note = _agree(comm, lambda: _backend(args, comm, precisions))
+
+    def open_store():
+        if not comm.is_root:
+            return None, set()
+        try:
+            store = ResultStore(args.out)
+            if comm.size > 1:
+                from engine.dist.points import recover_inflight
+
+                recover_inflight(store, log)
+            return store, store.done_keys(retry_failed=args.retry_failed)
+        except ResultsError as exc:
+            raise UsageError(str(exc)) from None
+
+    store, done = _agree(comm, open_store)
     points = [
-        Point(model=spec.name, batch=b, context=ctx, precision=prec, routing=args.routing)
+        Point(
+            model=spec.name,
+            batch=b,
+            context=ctx,
+            precision=prec,
+            tp=args.tp,
+            ep=args.ep,
+            routing=args.routing,
+        )
         for spec in specs
         for prec in precisions
         for ctx in contexts
@@ -238,11 +291,13 @@ def run(argv: list[str] | None = None) -> int:
     ]
     spec_by_name = {spec.name: spec for spec in specs}
     backend_key = backend.name
-    todo = [p for p in points if f"{backend_key}|{p.key()}" not in done]
-    log = _log
+    key_of = _key_function(backend_key, comm.size)
+    todo_index = [i for i, p in enumerate(points) if key_of(p) not in done]
+    todo = [points[i] for i in comm.bcast(todo_index)]
     log(
         f"backend: {note}; {len(points)} points, {len(points) - len(todo)} already in "
-        f"{store.path}, {len(todo)} to run"
+        f"{store.path if store else args.out}, {len(todo)} to run"
+        + (f"; {comm.size} ranks, tp={args.tp} ep={args.ep}" if comm.size > 1 else "")
     )
     protocol = Protocol(
         warmup_s=args.warmup,
@@ -251,25 +306,26 @@ def run(argv: list[str] | None = None) -> int:
         repetitions=args.repetitions,
     )
     interrupted = False
-    power = None
-    if todo and (args.power != "none" or args.power_log):
-        try:
-            power = open_session(
-                args.power,
-                power_log=args.power_log,
-                power_log_offset_s=args.power_log_offset,
-                power_log_averaging_s=args.power_log_averaging,
-                gpu_pci_bus_id=getattr(backend, "pci_bus_id", None),
-                log=log,
-            )
-        except (ValueError, SourceError) as exc:
-            raise UsageError(str(exc)) from None
+    power = _agree(comm, lambda: _open_power(args, comm, backend, log) if todo else None)
+    status = 0
     try:
-        interrupted = _run_points(args, backend, note, todo, spec_by_name, protocol, power, store)
+        if comm.size == 1:
+            interrupted = _run_points(
+                args, backend, note, todo, spec_by_name, protocol, power, store
+            )
+        else:
+            from engine.dist.points import run_points_ranks
+
+            status = run_points_ranks(
+                args, comm, backend, note, todo, spec_by_name, protocol, power, store, log
+            )
+            interrupted = status == 130
     finally:
         if power is not None:
             power.close()
-    keys = {f"{backend_key}|{p.key()}" for p in points}
+    if not comm.is_root:
+        return status
+    keys = {key_of(p) for p in points}
     records = [r for r in store.read() if r.get("key") in keys]
     print(summary_table(records))
     print(f"\n{len(records)} records in {store.path} (CSV: {store.csv_path})")
@@ -287,7 +343,128 @@ def run(argv: list[str] | None = None) -> int:
     if interrupted:
         log("interrupted: finished points are kept; rerun the same command to resume")
         return 130
-    return 0
+    if status:
+        log("stopped early: finished points are kept; rerun the same command to resume")
+    return status
+
+
+def _connect(args) -> dist.Comm:
+    """The run's communicator, checked against ``--tp`` x ``--ep``."""
+    try:
+        comm = dist.connect(timeout_s=args.comm_timeout)
+    except dist.CommError as exc:
+        raise UsageError(str(exc)) from None
+    if comm.size != args.tp * args.ep:
+        if comm.size == 1:
+            raise UsageError(
+                f"--tp {args.tp} --ep {args.ep} needs {args.tp * args.ep} ranks: launch with "
+                f"mpirun -n {args.tp * args.ep} python -m engine.sweep ... (or srun)"
+            )
+        _silence(comm)
+        raise UsageError(
+            f"{comm.size} ranks were launched but --tp {args.tp} x --ep {args.ep} = "
+            f"{args.tp * args.ep}: give --tp and --ep so that their product is {comm.size}"
+        )
+    return comm
+
+
+def _silence(comm: dist.Comm) -> None:
+    """Only rank 0 prints usage errors (every rank sees the same one)."""
+    global _QUIET
+    _QUIET = not comm.is_root
+
+
+def _agree(comm: dist.Comm, make):
+    """``make()`` on every rank; a UsageError on any rank stops every rank with it (so no
+    rank waits for one that left)."""
+    error, value = None, None
+    try:
+        value = make()
+    except UsageError as exc:
+        error = str(exc)
+    if comm.size > 1:
+        errors = [e for e in comm.allgather(error) if e]
+        if errors:
+            _silence(comm)
+            raise UsageError(errors[0])
+    elif error:
+        raise UsageError(error)
+    return value
+
+
+def _backend(args, comm: dist.Comm, precisions):
+    """The backend of this rank (its own GPU under MPI) and why it was chosen."""
+    memory_gb = args.memory_gb
+    device_note = ""
+    if comm.size > 1 and args.backend in ("auto", "cuda"):
+        from engine.dist.devices import DeviceError, apply_gpu_choice, choose_gpu, nvml_gpu_count
+
+        count = nvml_gpu_count()
+        try:
+            if args.backend == "cuda" or count:
+                choice = choose_gpu(
+                    comm.local_rank, comm.local_size, os.environ.get("CUDA_VISIBLE_DEVICES"), count
+                )
+                apply_gpu_choice(choice)
+                device_note = f"; rank {comm.rank}: {choice.note}"
+        except DeviceError as exc:
+            raise UsageError(str(exc)) from None
+    try:
+        backend, note = select_backend(args.backend, memory_gb)
+    except BackendUnavailable as exc:
+        raise UsageError(str(exc)) from None
+    if backend.name == "cpu":
+        threads = None
+        if comm.size > 1:
+            from engine.dist.devices import cpu_threads
+
+            threads = cpu_threads(comm.local_size)
+            device_note = f"; {threads} compute thread(s) per rank"
+        if memory_gb is None or threads is not None:
+            budget = memory_gb if memory_gb is not None else DEFAULTS["cpu_memory_gb"]
+            backend = type(backend)(memory_budget_gb=budget, threads=threads)
+    for precision in precisions:
+        reason = backend.precision_unsupported(precision)
+        if reason:
+            raise UsageError(f"precision {precision.name}: {reason}")
+    return backend, note + device_note
+
+
+def _key_function(backend_key: str, world: int):
+    """The record key of a point: the point's own, or its cluster key under MPI."""
+    if world == 1:
+        return lambda p: f"{backend_key}|{p.key()}"
+    from engine.dist.points import cluster_key
+
+    return lambda p: cluster_key(backend_key, p)
+
+
+def _open_power(args, comm: dist.Comm, backend, log):
+    """This rank's power session, or None. One process: every source. Several ranks: the
+    first rank of each node samples the node-wide sources (CPU package, a meter's log) and,
+    with the CPU backend, every GPU's (none is a rank's own device); on a GPU backend each
+    rank samples its own GPU's sensors (matched by PCI bus id)."""
+    spec, power_log = args.power, args.power_log
+    if comm.size > 1 and not comm.is_node_leader:
+        power_log = None
+        if backend.name == "cpu" or spec == "none":
+            spec = "none"
+        else:
+            gpu = [m for m in ("nvml", "amdsmi") if spec == "auto" or m in spec.split(",")]
+            spec = ",".join(gpu) or "none"
+    if spec == "none" and not power_log:
+        return None
+    try:
+        return open_session(
+            spec,
+            power_log=power_log,
+            power_log_offset_s=args.power_log_offset,
+            power_log_averaging_s=args.power_log_averaging,
+            gpu_pci_bus_id=getattr(backend, "pci_bus_id", None),
+            log=log,
+        )
+    except (ValueError, SourceError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _run_points(args, backend, note, todo, spec_by_name, protocol, power, store) -> bool:
@@ -350,49 +527,71 @@ def _run_points(args, backend, note, todo, spec_by_name, protocol, power, store)
                         power=power,
                     )
                 )
-                m, e = record["metrics"], record["energy"]
-                energy = f"; energy null: {e['reason']}"
-                if e.get("tokens_per_joule") is not None:
-                    energy = (
-                        f", {e['tokens_per_joule']:.3g} ± {e['tokens_per_joule_uncertainty']:.2g} "
-                        f"tok/J at {e['boundary']} ({e['avg_power_w']:.1f} W)"
-                    )
-                    if e.get("flags"):
-                        energy += " flags: " + "; ".join(e["flags"])
-                log(
-                    f"    {m['throughput_tok_s']:.3g} tok/s, {m['interactivity_tok_s_per_user']:.3g} "
-                    f"tok/s/user, roofline fraction {m['roofline_fraction']:.2f}" + energy
-                )
+                log("    " + describe_result(record))
             except KeyboardInterrupt:
                 interrupted = True
                 break
-            except UnsupportedPoint as exc:
-                record.update(status="unsupported", error=str(exc))
-            except (DoesNotFit, PlanError) as exc:
-                record.update(status="failed", error=str(exc))
-            except MemoryError:
-                record.update(status="failed", error="out of memory while allocating or running")
             except Exception as exc:  # a point's failure must not end the sweep
-                record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                status, error = classify_failure(exc)
+                record.update(status=status, error=error)
             if record["status"] != "ok":
                 log(f"    {record['status']}: {record['error']}")
             store.append(record)
     return interrupted
 
 
+def describe_result(record: dict) -> str:
+    """One line of a measured point: throughput, interactivity, roofline, energy."""
+    m, e = record["metrics"], record["energy"]
+    energy = f"; energy null: {e['reason']}"
+    if e.get("tokens_per_joule") is not None:
+        energy = (
+            f", {e['tokens_per_joule']:.3g} ± {e['tokens_per_joule_uncertainty']:.2g} "
+            f"tok/J at {e['boundary']} ({e['avg_power_w']:.1f} W)"
+        )
+        if e.get("flags"):
+            energy += " flags: " + "; ".join(e["flags"])
+    return (
+        f"{m['throughput_tok_s']:.3g} tok/s, {m['interactivity_tok_s_per_user']:.3g} "
+        f"tok/s/user, roofline fraction {m['roofline_fraction']:.2f}" + energy
+    )
+
+
+def classify_failure(exc: BaseException) -> tuple[str, str]:
+    """A point's exception as the record's ``(status, error)``."""
+    if isinstance(exc, UnsupportedPoint):
+        return "unsupported", str(exc)
+    if isinstance(exc, (DoesNotFit, PlanError)):
+        return "failed", str(exc)
+    if isinstance(exc, MemoryError):
+        return "failed", "out of memory while allocating or running"
+    return "failed", f"{type(exc).__name__}: {exc}"
+
+
+_QUIET = False  # set on ranks other than 0, which leave messages to rank 0
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0: nothing (rank 0 speaks for the run)."""
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
     except UsageError as exc:
-        print(f"engine.sweep: error: {exc}", file=sys.stderr)
+        if not _QUIET:
+            print(f"engine.sweep: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("engine.sweep: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("engine.sweep: terminated (SIGTERM)", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

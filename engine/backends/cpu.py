@@ -5,10 +5,19 @@ kernels, so the bytes streamed are the plan's bytes. Activations are held in flo
 (a BF16 activation precision is computed in float32; an FP8 one is emulated by rounding
 the GEMM inputs through FP8 with a per-tensor scale). It is a real CPU baseline, not a
 stand-in for a GPU.
+
+Under MPI (one rank per process, ``engine.dist``) a rank runs its shard of the step for
+real: tensor parallelism splits heads and FFN columns/rows and sums the attention output
+projection and the FFN output over the tensor-parallel group with an MPI all-reduce; expert
+parallelism keeps the rank's experts and sequences and moves each (token, expert) pair's
+hidden vector to the expert's rank and its output back with two MPI all-to-alls. The rank's
+weights are the slices of the one-device model for the same seed (``engine.dist.shard``),
+so the ranks together compute the same step as one device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import time
@@ -20,7 +29,7 @@ import numpy as np
 from engine.backends import cpu_kernels as K
 from engine.backends.base import Backend, Runner, StepWindows
 from engine.formats import fake_quantize_activation
-from engine.plan import Plan
+from engine.plan import Plan, build_plan
 from engine.precision import Precision
 from engine.roofline import Peaks
 from engine.routing import inclusion_probabilities, sample_assignments
@@ -73,8 +82,12 @@ class CpuBackend(Backend):
 
     name = "cpu"
 
-    def __init__(self, memory_budget_gb: float | None = None) -> None:
+    def __init__(self, memory_budget_gb: float | None = None, threads: int | None = None) -> None:
+        """``threads``: Numba compute threads (None: Numba's default, one per core); ranks
+        sharing a node each take their share (``engine.dist.devices.cpu_threads``)."""
         self._budget_gb = memory_budget_gb
+        if threads is not None:
+            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
 
     def device_info(self) -> dict:
         return {
@@ -111,8 +124,10 @@ class CpuBackend(Backend):
             return int(self._budget_gb * 1e9)
         return int(0.6 * available_memory_bytes())
 
-    def prepare(self, plan: Plan, layers: list[int], seed: int) -> CpuRunner:
-        return CpuRunner(plan, layers, seed)
+    def prepare(self, plan: Plan, layers: list[int], seed: int, comm=None) -> CpuRunner:
+        """A runner for ``plan``; ``comm`` (``engine.dist.Groups``) when it is one rank's
+        shard of a tensor- or expert-parallel step."""
+        return CpuRunner(plan, layers, seed, groups=comm)
 
 
 def _matmul_tflops_fp32(n: int = 2048, repeats: int = 5) -> float:
@@ -130,9 +145,13 @@ def _matmul_tflops_fp32(n: int = 2048, repeats: int = 5) -> float:
 
 
 class CpuRunner(Runner):
-    """A plan's layers allocated in host memory, ready to run decode steps."""
+    """A plan's layers allocated in host memory, ready to run decode steps.
 
-    def __init__(self, plan: Plan, layers: list[int], seed: int) -> None:
+    ``groups`` (``engine.dist.Groups``) is required when the plan is one rank's shard
+    (tp or ep above 1); ``comm_ns`` then counts the ns spent in collectives.
+    """
+
+    def __init__(self, plan: Plan, layers: list[int], seed: int, groups=None) -> None:
         self.plan = plan
         self.spec = plan.spec
         self.point = plan.point
@@ -140,14 +159,42 @@ class CpuRunner(Runner):
         self.layers_total = plan.spec.num_layers
         self.seed = seed
         self.act_fmt = plan.point.precision.activation
-        self.head = layer_weights(plan, EMBED_LAYER, seed)
-        self.weights = {layer: layer_weights(plan, layer, seed) for layer in layers}
-        self.caches: dict[int, KVCache] = {layer: kv_cache(plan, layer, seed) for layer in layers}
+        self.tp, self.ep = plan.point.tp, plan.point.ep
+        self.groups = groups
+        self.comm_ns = 0
+        sharded = self.tp > 1 or self.ep > 1
+        if sharded and groups is None:
+            raise ValueError(f"a tp={self.tp} ep={self.ep} shard needs its communicators")
+        # The one-device plan of the same point: its weights, caches and inputs, cut to this
+        # rank's part when sharded, are what every rank draws from.
+        full = build_plan(
+            plan.spec, dataclasses.replace(plan.point, tp=1, ep=1, rank=0)
+        ) if sharded else plan  # fmt: skip
+        if sharded:
+            from engine.dist import layout
+            from engine.dist.shard import Cut, rank_kv_cache, rank_layer_weights
+
+            cut = Cut(plan.spec, layout(plan.point.rank, self.tp, self.ep))
+            self.cut = cut
+            self.head = rank_layer_weights(full, EMBED_LAYER, seed, cut)
+            self.weights = {layer: rank_layer_weights(full, layer, seed, cut) for layer in layers}
+            self.caches: dict[int, KVCache] = {
+                layer: rank_kv_cache(full, layer, seed, cut) for layer in layers
+            }
+            rows = cut.sequences(plan.point.batch)
+            if self.ep > 1:
+                self.experts_per_rank = plan.spec.num_experts // self.ep
+        else:
+            self.head = layer_weights(plan, EMBED_LAYER, seed)
+            self.weights = {layer: layer_weights(plan, layer, seed) for layer in layers}
+            self.caches = {layer: kv_cache(plan, layer, seed) for layer in layers}
+            rows = slice(None)
         self.classes = {layer: "/".join(layer_class(plan, layer)) for layer in layers}
         rng = np.random.default_rng([seed, 0xA55])
-        batch = plan.point.batch
+        batch = full.point.batch
         self.token_variants = [
-            rng.integers(0, plan.spec.vocab_size, size=batch) for _ in range(ASSIGNMENT_VARIANTS)
+            rng.integers(0, plan.spec.vocab_size, size=batch)[rows]
+            for _ in range(ASSIGNMENT_VARIANTS)
         ]
         self.assignment_variants: list[dict[int, np.ndarray]] = []
         if plan.spec.num_experts:
@@ -157,12 +204,27 @@ class CpuRunner(Runner):
             for _ in range(ASSIGNMENT_VARIANTS):
                 self.assignment_variants.append(
                     {
-                        layer: sample_assignments(rng, pi, batch)
+                        layer: sample_assignments(rng, pi, batch)[rows]
                         for layer in layers
                         if plan.spec.is_moe_layer(layer)
                     }
                 )
         self._step_index = 0
+
+    # -- collectives ---------------------------------------------------------------------
+
+    def _allreduce_tp(self, x: np.ndarray) -> None:
+        """Sum a layer's partial output over the tensor-parallel group, in place."""
+        if self.tp > 1:
+            t0 = time.perf_counter_ns()
+            self.groups.tp.allreduce_sum(x)
+            self.comm_ns += time.perf_counter_ns() - t0
+
+    def _alltoall_ep(self, chunks: list[np.ndarray]) -> list[np.ndarray]:
+        t0 = time.perf_counter_ns()
+        out = self.groups.ep.alltoallv(chunks)
+        self.comm_ns += time.perf_counter_ns() - t0
+        return out
 
     # -- the decode step -----------------------------------------------------------------
 
@@ -188,6 +250,9 @@ class CpuRunner(Runner):
 
         ``assignments[layer]`` (B, k) are the experts each token is routed to in MoE layers.
         When ``layer_ns`` is given, the ns spent in each layer class are added to it.
+        On a rank of a sharded step, ``tokens`` and ``assignments`` are the rank's sequences
+        (B / ep of them) and the logits its vocabulary rows (every rank of a tensor-parallel
+        group returns its part of the same tokens' logits).
         """
         embed = self.head["embed"]
         rows = embed.data[tokens].astype(np.uint32) << 16
@@ -201,11 +266,13 @@ class CpuRunner(Runner):
                 attn = self._mla(layer, w, hidden)
             else:
                 attn = self._gqa(layer, w, hidden)
+            self._allreduce_tp(attn)
             K.add_rmsnorm(attn, residual, w["ffn_norm"], RMS_EPS, hidden)
             if self.spec.is_moe_layer(layer):
                 ffn = self._moe(layer, w, hidden, (assignments or {}).get(layer))
             else:
                 ffn = self._dense(w, hidden, "ffn.gate_up", "ffn.down")
+            self._allreduce_tp(ffn)
             residual += ffn
             if layer_ns is not None:
                 key = self.classes[layer]
@@ -291,30 +358,77 @@ class CpuRunner(Runner):
     def _moe(self, layer: int, w: dict, x: np.ndarray, assigned: np.ndarray | None) -> np.ndarray:
         if assigned is None:
             raise ValueError(f"layer {layer} is MoE: routing assignments are required")
-        batch, top_k = assigned.shape
         logits = self._gemm(x, w["moe.router"])
         chosen = np.take_along_axis(logits, assigned, axis=1)
         gates = np.exp(chosen - chosen.max(axis=1, keepdims=True))
         gates /= gates.sum(axis=1, keepdims=True)
-        out = np.zeros_like(x)
         a = self._fq(x)
+        if self.ep > 1:
+            out = self._experts_ep(w, a, assigned, gates)
+        else:
+            out = self._experts_local(w, a, assigned, gates)
+        if "moe.shared_gate_up" in w:
+            out += self._dense(w, x, "moe.shared_gate_up", "moe.shared_down")
+        return out
+
+    def _expert(self, w: dict, expert: int, xe: np.ndarray) -> np.ndarray:
+        """One expert's output for its tokens ``xe`` (already in the activation format)."""
+        gu = self._gemm(xe, w["moe.gate_up"][expert])
+        act = np.empty((xe.shape[0], gu.shape[1] // 2), dtype=np.float32)
+        K.swiglu(gu, act)
+        return self._gemm(self._fq(act), w["moe.down"][expert])
+
+    def _experts_local(
+        self, w: dict, a: np.ndarray, assigned: np.ndarray, gates: np.ndarray
+    ) -> np.ndarray:
+        """Routed experts of one device: every expert is here."""
+        top_k = assigned.shape[1]
+        out = np.zeros_like(a)
         flat = assigned.reshape(-1)
         order = np.argsort(flat, kind="stable")
         experts, starts = np.unique(flat[order], return_index=True)
         ends = np.append(starts[1:], flat.size)
-        gate_up, down = w["moe.gate_up"], w["moe.down"]
         for expert, lo, hi in zip(experts, starts, ends):
             slots = order[lo:hi]
             tokens = slots // top_k
-            xe = np.ascontiguousarray(a[tokens])
-            gu = self._gemm(xe, gate_up[expert])
-            act = np.empty((xe.shape[0], gu.shape[1] // 2), dtype=np.float32)
-            K.swiglu(gu, act)
-            ye = self._gemm(self._fq(act), down[expert])
+            ye = self._expert(w, int(expert), np.ascontiguousarray(a[tokens]))
             ye *= gates.reshape(-1)[slots][:, None]
             np.add.at(out, tokens, ye)
-        if "moe.shared_gate_up" in w:
-            out += self._dense(w, x, "moe.shared_gate_up", "moe.shared_down")
+        return out
+
+    def _experts_ep(
+        self, w: dict, a: np.ndarray, assigned: np.ndarray, gates: np.ndarray
+    ) -> np.ndarray:
+        """Routed experts spread over the expert-parallel group: each (token, expert) pair's
+        vector goes to the expert's rank (all-to-all), is computed there, and comes back."""
+        top_k = assigned.shape[1]
+        flat = assigned.reshape(-1)
+        per = self.experts_per_rank
+        dest = flat // per
+        order = np.argsort(dest, kind="stable")  # pairs grouped by destination, token order kept
+        bounds = np.searchsorted(dest[order], np.arange(self.ep + 1))
+        send_rows = [a[order[bounds[d] : bounds[d + 1]] // top_k] for d in range(self.ep)]
+        send_ids = [
+            (flat[order[bounds[d] : bounds[d + 1]]] - d * per).astype(np.int32)
+            for d in range(self.ep)
+        ]
+        got_rows = self._alltoall_ep(send_rows)
+        got_ids = self._alltoall_ep(send_ids)
+        rows = np.concatenate(got_rows)
+        ids = np.concatenate(got_ids)
+        results = np.empty_like(rows)
+        by_expert = np.argsort(ids, kind="stable")
+        experts, starts = np.unique(ids[by_expert], return_index=True)
+        ends = np.append(starts[1:], ids.size)
+        for expert, lo, hi in zip(experts, starts, ends):
+            idx = by_expert[lo:hi]
+            results[idx] = self._expert(w, int(expert), np.ascontiguousarray(rows[idx]))
+        cuts = np.cumsum([0] + [r.shape[0] for r in got_rows])
+        back = self._alltoall_ep([results[cuts[s] : cuts[s + 1]] for s in range(self.ep)])
+        returned = np.concatenate(back)
+        out = np.zeros_like(a)
+        returned *= gates.reshape(-1)[order][:, None]
+        np.add.at(out, order // top_k, returned)
         return out
 
     # -- timing ---------------------------------------------------------------------------

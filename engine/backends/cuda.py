@@ -138,13 +138,15 @@ class CudaBackend(Backend):
         margin = max(MEMORY_MARGIN_BYTES, int(MEMORY_MARGIN_FRACTION * total_b))
         return max(0, int(free_b) - margin)
 
-    def prepare(self, plan: Plan, layers: list[int], seed: int):
+    def prepare(self, plan: Plan, layers: list[int], seed: int, comm=None):
+        """A runner for ``plan``; ``comm`` (``engine.dist.Groups``) when it is one rank's
+        tensor-parallel shard (NCCL all-reduces; unverified on GPUs)."""
         reason = self.device_unsupported(plan.point.precision)
         if reason:
             raise UnsupportedPoint(reason)
         from engine.backends.cuda_runner import CudaRunner
 
-        return CudaRunner(self, plan, layers, seed)
+        return CudaRunner(self, plan, layers, seed, groups=comm)
 
     # -- peaks -----------------------------------------------------------------------------
 

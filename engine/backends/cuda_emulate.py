@@ -18,7 +18,17 @@ import ml_dtypes
 import numpy as np
 
 from engine.backends import cuda_abi as abi
-from engine.backends.cuda_layout import F32, I32, I64, Layout, LtGemm, Ref, variant_blob
+from engine.backends.cuda_layout import (
+    F32,
+    I32,
+    I64,
+    AllReduce,
+    Layout,
+    LayoutError,
+    LtGemm,
+    Ref,
+    variant_blob,
+)
 from engine.backends.cuda_weights import WeightSource, block_scale_offsets
 from engine.formats import (
     QTensor,
@@ -520,8 +530,11 @@ class Kernels:
 class Emulator:
     """Runs a layout's step on the host: the CUDA backend without a GPU (for tests)."""
 
-    def __init__(self, layout: Layout, seed: int, poison: bool = True) -> None:
+    def __init__(self, layout: Layout, seed: int, poison: bool = True, comm=None) -> None:
+        """``comm`` (an ``engine.dist.Comm`` of the tensor-parallel group) sums the
+        layout's all-reduces over host processes; None for a one-device layout."""
         self.layout = layout
+        self.comm = comm
         self.arena = Arena(layout.total_bytes)
         self.kernels = Kernels(self.arena)
         if poison:  # scratch starts as NaN bytes: anything read before written shows up
@@ -553,6 +566,12 @@ class Emulator:
         for st in self.layout.programs[copy]:
             if isinstance(st, LtGemm):
                 self.kernels.lt_gemm(st, self.ptr)
+            elif isinstance(st, AllReduce):
+                # One process emulates one rank: the sum over the group needs its peers.
+                if self.comm is None:
+                    raise LayoutError(f"{st.op}: a tensor-parallel step needs a communicator")
+                buf = self.arena.view(self.ptr(st.buf), np.float32, st.count)
+                self.comm.allreduce_sum(buf)
             else:
                 self.kernels.run(st.kernel, st.grid, st.block, [self._value(a) for a in st.args])
 

@@ -116,7 +116,18 @@ class LtGemm:
         return (self.kind, self.m, self.n, self.k, self.w_fmt, self.x_fmt)
 
 
-Step = Launch | LtGemm
+@dataclass(frozen=True)
+class AllReduce:
+    """An in-place float32 SUM all-reduce of ``count`` elements at ``buf`` over the
+    tensor-parallel group (NCCL on the runner's stream; captured into the step's graph)."""
+
+    buf: Ref
+    count: int
+    op: str
+    layer: int
+
+
+Step = Launch | LtGemm | AllReduce
 
 
 # ----------------------------------------------------------------------------- regions
@@ -323,8 +334,8 @@ class _Builder:
         spec, point = self.spec, self.point
         if point.ep > 1:
             raise UnsupportedPoint(
-                "expert parallelism (ep > 1) needs one rank per GPU with collectives; the cuda "
-                "backend runs a single rank"
+                "expert parallelism (ep > 1) is not implemented on the cuda backend (its token "
+                "all-to-all runs on the cpu backend); tensor parallelism is"
             )
         if self.act == "nvfp4" and spec.num_experts:
             raise UnsupportedPoint(
@@ -891,9 +902,28 @@ class _Builder:
             attn, attn_scale = self.mla(layer, x, xs, first)
         else:
             attn, attn_scale = self.gqa(layer, x, xs, first)
+        self.allreduce(layer, "attn_allreduce", attn, attn_scale)
         if spec.is_moe_layer(layer):
-            return self.moe(layer, residual, attn, attn_scale)
-        return self.dense_ffn(layer, residual, attn, attn_scale)
+            out = self.moe(layer, residual, attn, attn_scale)
+        else:
+            out = self.dense_ffn(layer, residual, attn, attn_scale)
+        self.allreduce(layer, "ffn_allreduce", *out)
+        return out
+
+    def allreduce(self, layer: int, name: str, buf: Ref, row_scale: Ref | None) -> None:
+        """Sum a layer's partial output (B x hidden, float32) over the tensor-parallel group,
+        as ``engine.plan`` places it: after the attention output projection and the FFN."""
+        if self.point.tp == 1:
+            return
+        # A 16-bit activation container's row scales are ones, so the partial outputs can be
+        # summed as they are; FP8/FP4 rows carry per-rank scales that must be applied first.
+        if row_scale is not None and self.act != "bf16":
+            raise UnsupportedPoint(
+                "tensor parallelism with activation scales applied after the GEMM (FP8/FP4 "
+                "activations) would sum unscaled partial outputs; the cuda backend does not "
+                "implement it (use 16-bit activations)"
+            )
+        self.steps.append(AllReduce(buf, self.batch * self.spec.hidden_size, name, layer))
 
     def layer_first_gemm(self, layer: int) -> cg.GemmChoice:
         """The choice for the GEMMs reading the attention norm's output (all share it)."""

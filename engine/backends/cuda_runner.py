@@ -7,6 +7,11 @@ into a CUDA graph; ``run_steps`` replays the graphs back to back, cycling the co
 consecutive steps read different weights (the L2 cache never holds them), and reads the
 ``%globaltimer`` stamps the kernels wrote into the device's stamp ring. The stamps go to the
 host monotonic clock through ``engine.timebase`` (re-anchored when its error bound grows).
+
+Tensor parallelism (one rank per GPU under MPI): the layout's ``AllReduce`` steps are NCCL
+all-reduces (``engine.dist.nccl``) enqueued on the runner's stream and captured into the
+graph with the kernels; every wait on the stream then has a deadline. UNVERIFIED: written
+and imported, never run on GPUs (none was available); the CPU backend's MPI path is tested.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 from engine.backends.base import DoesNotFit, Runner, StepWindows
 from engine.backends.cuda_layout import (
     STAMP_RING,
+    AllReduce,
     Layout,
     LtGemm,
     Ref,
@@ -45,7 +51,9 @@ def weight_bytes(layout: Layout, copy: int = 0) -> int:
 class CudaRunner(Runner):
     """A plan's run layers on the GPU, ready to replay decode steps."""
 
-    def __init__(self, backend, plan: Plan, layers: list[int], seed: int) -> None:
+    def __init__(self, backend, plan: Plan, layers: list[int], seed: int, groups=None) -> None:
+        """``groups`` (``engine.dist.Groups``): the rank's communicators when ``plan`` is a
+        tensor-parallel shard (its all-reduces run over ``groups.tp`` through NCCL)."""
         import cupy
 
         self.cp = cupy
@@ -75,13 +83,20 @@ class CudaRunner(Runner):
         self.kernels = backend.kernels
         self.lt = backend.lt
         self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.nccl = None
+        if plan.point.tp > 1:
+            if groups is None:
+                raise ValueError("a tensor-parallel shard needs its communicators")
+            from engine.dist.nccl import NcclGroup
+
+            self.nccl = NcclGroup(groups.tp)
         self.counter = 0
         # One eager step per copy: loads kernels, runs the cuBLASLt heuristics, and surfaces
         # launch errors outside graph capture.
         for copy in range(copies):
             self._enqueue(copy)
             self.counter += 1
-        self.stream.synchronize()
+        self._sync()
         self.graphs = [self._capture(copy) for copy in range(copies)]
         self._timer = cupy.cuda.Memory(64)
         self._pairs: list[tuple[int, int, int]] = []
@@ -125,7 +140,9 @@ class CudaRunner(Runner):
     def _enqueue(self, copy: int) -> None:
         stream = self.stream
         for st in self.layout.programs[copy]:
-            if isinstance(st, LtGemm):
+            if isinstance(st, AllReduce):
+                self.nccl.allreduce_f32(self.ptr(st.buf), st.count, stream.ptr)
+            elif isinstance(st, LtGemm):
                 self.lt.matmul(
                     st,
                     self.ptr(st.w),
@@ -195,7 +212,7 @@ class CudaRunner(Runner):
             for i in range(chunk):
                 self.graphs[(self.counter + i) % self.copies].launch(self.stream)
             stop.record(self.stream)
-            self.stream.synchronize()
+            self._sync()
             # CUDA-event time of the chunk's replays: the stamps must lie inside it.
             self.last_events_ms.append(self.cp.cuda.get_elapsed_time(start, stop))
             self.counter += chunk
@@ -219,7 +236,7 @@ class CudaRunner(Runner):
         at = self.ptr(Ref("variants")) + slot * blob.size
         rt.memcpy(at, blob.ctypes.data, blob.nbytes, rt.memcpyHostToDevice)
         self.graphs[self.counter % self.copies].launch(self.stream)
-        self.stream.synchronize()
+        self._sync()
         self.counter += 1
         # Restore the timed variant so later timed steps see the drawn routing.
         keep = self.layout.variant_blobs[slot]
@@ -231,10 +248,22 @@ class CudaRunner(Runner):
         )
         return out
 
+    def _sync(self) -> None:
+        """Wait for the stream; with NCCL, within the group's timeout (else abort, raise)."""
+        if self.nccl is None:
+            self.stream.synchronize()
+        else:
+            self.nccl.wait(self.stream)
+
     def close(self) -> None:
         if getattr(self, "graphs", None) is None:
             return
-        self.stream.synchronize()
+        try:
+            self._sync()
+        finally:
+            if self.nccl is not None:
+                self.nccl.abort()  # frees the communicator (it is per point)
+                self.nccl = None
         self.graphs = None
         self.arena = None
         self._timer = None
