@@ -214,6 +214,7 @@ def view(record: dict, source: Path, device: str) -> PointView:
     point = record["point"]
     precision = get(point, "precision", "name") or "?"
     tp = point.get("tp") if _int(point.get("tp")) and point.get("tp") > 0 else 1
+    ep = point.get("ep") if _int(point.get("ep")) and point.get("ep") > 0 else 1
     throughput = num(get(record, "metrics", "throughput_tok_s"))
     tpj, unc, reason, flags = _energy(record)
     e = record.get("energy") if isinstance(record.get("energy"), dict) else {}
@@ -230,8 +231,8 @@ def view(record: dict, source: Path, device: str) -> PointView:
         status=record["status"],
         error=record.get("error"),
         interactivity=num(get(record, "metrics", "interactivity_tok_s_per_user")),
-        # Every device of a tensor-parallel group runs the whole batch's step.
-        throughput_per_device=None if throughput is None else throughput / tp,
+        # A point's throughput is its whole group's: tp x ep devices share it.
+        throughput_per_device=None if throughput is None else throughput / (tp * ep),
         tokens_per_joule=tpj,
         tokens_per_joule_uncertainty=unc,
         energy_reason=reason,

@@ -464,3 +464,14 @@ def test_records_with_energy_from_the_sweep_power_session(tmp_path):
         assert tpj.query.value is not None and tpj.on
         lo, hi = tpj.query.between
         assert tpj.frontier.ys[hi] <= tpj.query.value <= tpj.frontier.ys[lo]
+
+
+def test_throughput_per_device_divides_by_every_device_of_the_group():
+    from engine.report_records import view
+
+    rec = json.loads(
+        (Path(__file__).parent / "data/reports/cpu_tiny_w8a16.jsonl").read_text().splitlines()[0]
+    )
+    total = rec["metrics"]["throughput_tok_s"]
+    rec["point"].update(tp=2, ep=2)
+    assert view(rec, Path("x"), "dev").throughput_per_device == pytest.approx(total / 4)

@@ -296,7 +296,7 @@ class PowerSession:
         start_ns: np.ndarray,
         end_ns: np.ndarray,
         *,
-        tokens_per_step: int,
+        tokens_per_step: float,
         step_s: float,
         scaled_from_layers: bool,
         align_ns: float = 0.0,
@@ -304,7 +304,8 @@ class PowerSession:
     ) -> tuple[dict, dict | None]:
         """The record's ``energy`` block and ``trace`` for windows [start_ns, end_ns] (host ns).
 
-        ``tokens_per_step`` is the batch; ``step_s`` the whole-model mean step time (s).
+        ``tokens_per_step`` is the batch (a rank's share of it under expert parallelism, so
+        possibly fractional); ``step_s`` the whole-model mean step time (s).
         """
         from engine.energy import attribute, cross_check, pooled
 
@@ -432,7 +433,7 @@ class PowerSession:
         per_source: list[dict],
         reasons: list[str],
         window_s: float,
-        tokens_per_step: int,
+        tokens_per_step: float,
         step_s: float,
         scaled_from_layers: bool,
     ) -> dict:
