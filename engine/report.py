@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.cli import OneLineParser, UsageError
 from engine.report_compare import (
     PROVENANCE_FIELDS,
     fairness_notes,
@@ -816,17 +817,8 @@ def write_report(
     return summary_text(report, out)
 
 
-class UsageError(Exception):
-    """Bad command-line input: one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        raise UsageError(f"{message} (see --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m engine.report",
         description="Frontiers, economics and comparisons of sweep results, as a directory "
         "with summary.md and PNG figures.",

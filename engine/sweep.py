@@ -22,6 +22,7 @@ import time
 from engine import dist
 from engine.backends import BACKENDS, select_backend
 from engine.backends.base import BackendUnavailable, DoesNotFit, UnsupportedPoint
+from engine.cli import OneLineParser, UsageError
 from engine.dist.points import Terminated
 from engine.measure import Protocol, measure_point
 from engine.models import SpecError, list_models, load_spec
@@ -47,17 +48,8 @@ DEFAULTS = {
 }
 
 
-class UsageError(Exception):
-    """Bad command-line input: one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        raise UsageError(f"{message} (see --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m engine.sweep",
         description="Measure decode throughput, interactivity and (where a power source exists) "
         "energy per token over a grid of model x batch x context x precision.",

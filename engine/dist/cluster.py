@@ -24,23 +24,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from engine.power.session import FIGURE_KEYS
 from engine.dist.sync import Offsets, barrier_skew, common_windows
 
 PRIMARY_ORDER = ("gpu-board", "gpu-module", "cpu-package", "node")
-FIGURE_KEYS = (
-    "energy_j",
-    "energy_uncertainty_j",
-    "avg_power_w",
-    "avg_power_uncertainty_w",
-    "idle_power_w",
-    "idle_power_uncertainty_w",
-    "energy_above_idle_j",
-    "joules_per_token",
-    "tokens_per_joule",
-    "tokens_per_joule_uncertainty",
-    "tokens_per_joule_above_idle",
-    "coverage",
-)
 
 
 def _get(d: dict | None, *path: str):
@@ -148,7 +135,7 @@ def merge_energy(
             reason="; ".join(reasons + rank_reasons) or "no power source on any rank",
         )
     else:
-        block = {k: by_boundary[primary][k] for k in FIGURE_KEYS}
+        block = {k: by_boundary[primary].get(k) for k in FIGURE_KEYS}
         block.update(
             boundary=primary,
             valid=True,

@@ -457,7 +457,7 @@ class PowerSession:
         if primary is None:
             why = [e["name"] + ": " + e["reason"] for e in per_source if e.get("reason")]
             reason = "; ".join(why + reasons + self.reasons) or NO_SOURCE_REASON
-            block = {k: None for k in _FIGURE_KEYS}
+            block = {k: None for k in FIGURE_KEYS}
             block.update(boundary=None, valid=False, flags=flags, reason=reason)
         else:
             block = dict(boundaries[primary])
@@ -531,7 +531,7 @@ class PowerSession:
         }
 
 
-_FIGURE_KEYS = (
+FIGURE_KEYS = (
     "energy_j",
     "energy_uncertainty_j",
     "avg_power_w",
@@ -551,7 +551,7 @@ _FIGURE_KEYS = (
 
 def null_energy(reason: str) -> dict:
     """The energy block of a point without any usable source: every figure null, the reason."""
-    block = {k: None for k in _FIGURE_KEYS}
+    block = {k: None for k in FIGURE_KEYS}
     block.update(
         boundary=None,
         valid=False,
