@@ -22,19 +22,22 @@ last source closed calls ``amdsmi_shut_down``.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import threading
 import time
 from types import ModuleType
 
 from engine.power.base import PowerSource, SourceError, SourceInfo
+from engine.power.library import SharedLibrary
 
 NOMINAL_UPDATE_PERIOD_S = 1e-3  # "cached by the driver at most every 1 ms"
 POWER_KEYS = ("socket_power", "current_socket_power", "average_socket_power")
 
-_lock = threading.Lock()
-_state: dict = {"module": None, "refs": 0}
+_library = SharedLibrary(
+    "AMD SMI: amdsmi_init",
+    lambda lib: lib.amdsmi_init(),
+    lambda lib: lib.amdsmi_shut_down(),
+    lambda e: _message(e),
+)
 
 
 def _message(exc: BaseException) -> str:
@@ -55,28 +58,12 @@ def init() -> ModuleType:
         raise SourceError(
             "AMD SMI: the amdsmi Python library is not installed (it ships with ROCm)"
         ) from None
-    with _lock:
-        if _state["module"] is not lib:
-            _state["module"], _state["refs"] = lib, 0
-        if _state["refs"] == 0:
-            try:
-                lib.amdsmi_init()
-            except Exception as exc:
-                raise SourceError(f"AMD SMI: amdsmi_init failed: {_message(exc)}") from None
-        _state["refs"] += 1
-    return lib
+    return _library.acquire(lib)
 
 
 def shutdown() -> None:
     """Drop one reference taken by ``init``; the last one shuts AMD SMI down."""
-    with _lock:
-        lib = _state["module"]
-        if lib is None or _state["refs"] == 0:
-            return
-        _state["refs"] -= 1
-        if _state["refs"] == 0:
-            with contextlib.suppress(Exception):  # nothing useful to do if it fails
-                lib.amdsmi_shut_down()
+    _library.release()
 
 
 def _number(value) -> float | None:

@@ -28,15 +28,14 @@ reference and ``close`` drops it; the last one shuts NVML down.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import threading
 import time
 from types import ModuleType
 
 import numpy as np
 
 from engine.power.base import PowerSource, SourceError, SourceInfo
+from engine.power.library import SharedLibrary
 from engine.power.probe import wall_to_monotonic_offset_ns
 
 FIELD_POWER_INSTANT = 186  # NVML_FI_DEV_POWER_INSTANT, for bindings too old to name it
@@ -65,8 +64,9 @@ CLOCK_EVENT_REASONS = {
 NOMINAL_COUNTER_PERIOD_S = 0.1  # public reports: ~100 ms on A100/H100 (20-100 ms elsewhere)
 NVML_VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
 
-_lock = threading.Lock()
-_state: dict = {"module": None, "refs": 0}
+_library = SharedLibrary(
+    "NVML: nvmlInit", lambda nv: nv.nvmlInit(), lambda nv: nv.nvmlShutdown(), lambda e: _message(e)
+)
 
 
 def _module() -> ModuleType:
@@ -108,30 +108,12 @@ def init() -> ModuleType:
 
     Raises SourceError (one line) when pynvml is missing or nvmlInit fails.
     """
-    nv = _module()
-    with _lock:
-        if _state["module"] is not nv:  # a different binding (a test double) starts afresh
-            _state["module"], _state["refs"] = nv, 0
-        if _state["refs"] == 0:
-            try:
-                nv.nvmlInit()
-            except Exception as exc:
-                raise SourceError(f"NVML: nvmlInit failed: {_message(exc)}") from None
-        _state["refs"] += 1
-    return nv
+    return _library.acquire(_module())
 
 
 def shutdown() -> None:
     """Drop one reference taken by ``init``; the last one shuts NVML down."""
-    with _lock:
-        nv = _state["module"]
-        if nv is None or _state["refs"] == 0:
-            return
-        _state["refs"] -= 1
-        if _state["refs"] == 0:
-            # Nothing useful can be done about a failing shutdown.
-            with contextlib.suppress(Exception):
-                nv.nvmlShutdown()
+    _library.release()
 
 
 def _call(what: str, index: int, fn, *args):
