@@ -31,6 +31,9 @@ class RecordedSampler:
     def stop(self) -> None:
         pass
 
+    def stats(self) -> dict:
+        return {"mode": "recorded", "sources": len(self._samples)}
+
 
 class NamedSource:
     def __init__(self, info) -> None:
@@ -96,6 +99,7 @@ def test_point_energy_matches_truth_under_h100_sensors(seed: int) -> None:
     assert block["cross_check"] and block["cross_check"][0]["agree"] is True
     assert not [f for f in block["flags"] if "disagree" in f]
     assert 0.2 < block["coverage"] <= 1.0
+    assert block["sampler"] == {"mode": "recorded", "sources": 2}
     assert trace["windows_s"][0][0] == pytest.approx(0.0)
     assert len(trace["t_s"]) == len(trace["power_w"]) > 10
 

@@ -384,6 +384,12 @@ class PowerSession:
             step_s,
             scaled_from_layers,
         )
+        if self.sampler is not None:
+            # The sampler's own achieved rate and cost, cumulative since the sweep began.
+            try:
+                block["sampler"] = self.sampler.stats()
+            except Exception as exc:  # statistics must not void the point
+                block["sampler"] = {"error": f"{type(exc).__name__}: {exc}"}
         trace = self._trace(samples, start_ns, end_ns, point_t0_ns)
         return block, trace
 
