@@ -175,7 +175,7 @@ def _warm_up(
     parts = _run_for(runner, protocol.warmup_s, protocol.min_warmup_steps, 0.01, ranks)
     status = {"steady": None, "criterion": None, "warmup_s": None, "last_spans_power_w": None}
     active = power is not None and power.active
-    own_period = (power.slowest_update_period_s() or 0.1) if active else 0.0
+    own_period = (power.protocol_update_period_s() or 0.1) if active else 0.0
     periods = ranks.every(own_period)
     if any(periods):
         period = max(periods)
@@ -226,7 +226,7 @@ def _measure_windows(
     source of any rank sets the length and the pauses."""
     total_s = protocol.duration_s
     pause_max_s = 0.0
-    own = power.slowest_update_period_s() if power is not None and power.active else None
+    own = power.protocol_update_period_s() if power is not None and power.active else None
     period = max((p for p in ranks.every(own) if p), default=None)
     if period:
         total_s = max(total_s, protocol.min_sensor_updates * period)

@@ -171,3 +171,19 @@ def test_a_throttle_inside_the_point_is_seen_not_only_at_its_ends() -> None:
     # Boost bins (15 MHz) are one operating point; 1500 vs 1980 MHz is not.
     assert session.clocks_agree(1965, 1980) and not session.clocks_agree(1500, 1980)
     assert summary["polled_states"] >= 5
+
+
+def test_the_protocol_follows_each_boundarys_fastest_source() -> None:
+    from engine.power.base import SourceInfo
+
+    counter = SourceInfo("nvml:0:energy", "gpu-board", "energy", 0.1)
+    average = SourceInfo("nvml:0:power-average", "gpu-board", "power", 1.0, 1.0)
+    session = PowerSession(
+        sources=[NamedSource(counter), NamedSource(average)], sampler=RecordedSampler([])
+    )
+    assert session.slowest_update_period_s() == 1.0
+    assert session.protocol_update_period_s() == 0.1  # the 1 s average does not set it
+    session.update_period_s["nvml:0:energy"] = 0.02  # measured while idle
+    assert session.protocol_update_period_s() == 0.02
+    session.seen_sources["replay:meter.csv"] = ("node", 1.0)  # a 1 Hz wall meter
+    assert session.protocol_update_period_s() == 1.0

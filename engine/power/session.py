@@ -114,6 +114,7 @@ class PowerSession:
     max_gap_s: float = DEFAULT_MAX_GAP_S
     idle: dict = field(default_factory=dict)
     update_period_s: dict = field(default_factory=dict)
+    seen_sources: dict = field(default_factory=dict)  # name -> (boundary, stated period s)
     _states: deque = field(default_factory=lambda: deque(maxlen=STATE_HISTORY))
     _watch: threading.Thread | None = None
     _watch_stop: threading.Event | None = None
@@ -126,11 +127,31 @@ class PowerSession:
     def infos(self) -> list[SourceInfo]:
         return [s.info for s in self.sources]
 
+    def _periods_by_source(self) -> dict[str, tuple[str, float | None]]:
+        """name -> (boundary, measured else stated update period in s), the meter log's
+        included once idle has been measured."""
+        out = {i.name: (i.boundary, i.update_period_s) for i in self.infos}
+        out.update(self.seen_sources)
+        for name, period in self.update_period_s.items():
+            if name in out:
+                out[name] = (out[name][0], period)
+        return out
+
     def slowest_update_period_s(self) -> float | None:
         """The longest measured (else stated) update period among the sources, in s."""
-        periods = [self.update_period_s.get(i.name) or i.update_period_s for i in self.infos]
-        periods = [p for p in periods if p]
+        periods = [p for _b, p in self._periods_by_source().values() if p]
         return max(periods) if periods else None
+
+    def protocol_update_period_s(self) -> float | None:
+        """The update period the protocol must respect, in s: for each boundary that of its
+        fastest source (the one its energy rests on), and the slowest of those. A slow
+        companion such as NVML's 1 s average then does not stretch every point to 50 s;
+        a 1 Hz wall meter, the only source of its boundary, does."""
+        fastest: dict[str, float] = {}
+        for boundary, period in self._periods_by_source().values():
+            if period:
+                fastest[boundary] = min(period, fastest.get(boundary, period))
+        return max(fastest.values()) if fastest else None
 
     def _samples(self, t0_ns: int, t1_ns: int, reasons: list[str] | None = None) -> list[Samples]:
         """Every source's samples over [t0_ns, t1_ns], the meter log's included."""
@@ -257,7 +278,7 @@ class PowerSession:
         measured update period. Blocks for max(IDLE_MIN_S, IDLE_MIN_UPDATES periods)."""
         from engine.energy import idle_power
 
-        period = self.slowest_update_period_s() or 0.1
+        period = self.protocol_update_period_s() or 0.1
         seconds = seconds if seconds is not None else max(IDLE_MIN_S, IDLE_MIN_UPDATES * period)
         log(f"measuring idle power for {seconds:.1f} s (device idle) ...")
         t_begin = time.monotonic_ns()
@@ -268,6 +289,7 @@ class PowerSession:
         quarter = (t_end - t_begin) // 4
         t0, t1 = t_begin + quarter, t_end - quarter
         for s in self._samples(t_begin, t_end):
+            self.seen_sources[s.info.name] = (s.info.boundary, s.info.update_period_s)
             measured = observed_update_period_s(s)
             if measured:
                 self.update_period_s[s.info.name] = measured
@@ -313,8 +335,8 @@ class PowerSession:
         end_ns = np.asarray(end_ns, np.int64)
         window_s = float(np.sum(end_ns - start_ns)) / 1e9
         # The last window's edge needs whole sensor updates after it: wait for them.
-        settle_ns = int(end_ns.max() + 2.5 * (self.slowest_update_period_s() or 0.0) * 1e9)
-        if self.sources and time.monotonic_ns() < settle_ns:
+        settle_ns = int(end_ns.max() + 2.5 * (self.protocol_update_period_s() or 0.0) * 1e9)
+        if (self.sources or self.node_log) and time.monotonic_ns() < settle_ns:
             time.sleep((settle_ns - time.monotonic_ns()) / 1e9)
         margin_ns = int(max(self.max_gap_s, 2 * (self.slowest_update_period_s() or 0.1)) * 1e9)
         t_lo, t_hi = int(start_ns.min()) - margin_ns, int(end_ns.max()) + margin_ns
