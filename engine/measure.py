@@ -193,6 +193,11 @@ def _warm_up(
             p_w = power.recent_power_w(t0, time.monotonic_ns()) if active else None
             clock_after = power.sm_clock_mhz() if active else None
             steady = not active
+            if active and p_w is None:
+                # Nothing readable yet (a meter log whose clock is still unknown): no
+                # power criterion to wait for; the time-based warm-up stands.
+                steady = True
+                status["criterion"] = "none: no power readable during warm-up"
             if previous is not None and p_w is not None and previous > 0:
                 same_clock = power.clocks_agree(clock_before, clock_after)
                 steady = abs(p_w - previous) / previous <= protocol.steady_tolerance and same_clock
@@ -205,7 +210,7 @@ def _warm_up(
 
             decision = ranks.decide(verdict)
             if decision == "steady":
-                status["steady"] = True
+                status["steady"] = None if p_w is None and active else True
                 status["last_spans_power_w"] = [previous, p_w]
                 break
             if decision == "timeout":

@@ -112,11 +112,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--power-log-offset",
-        type=float,
+        type=_offset,
         default=None,
-        metavar="S",
-        help="seconds to add to the log's times to get host monotonic seconds (default: "
-        "epoch times are mapped through the host's wall clock)",
+        metavar="S|auto",
+        help="seconds to add to the log's times to get host monotonic seconds, or auto: "
+        "estimated at each point from the busy/idle pattern of the windows (default: epoch "
+        "times are mapped through the host's wall clock)",
     )
     p.add_argument(
         "--power-log-averaging",
@@ -174,6 +175,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="rerun points recorded as failed")
     p.add_argument("--list-models", action="store_true", help="list model presets and exit")
     return p
+
+
+def _offset(text: str) -> float | str:
+    """A clock offset in seconds, or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither seconds nor auto") from None
 
 
 def _ints(text: str, name: str) -> list[int]:

@@ -61,3 +61,68 @@ def test_sweep_attributes_a_meter_log_within_its_uncertainty(tmp_path, capsys) -
         assert r["idle"]["replay:meter.csv"]["power_w"] == e["idle_power_w"]
     table = capsys.readouterr().out
     assert "node" in table and "null" not in table.split("\n")[2]
+
+
+def test_sweep_estimates_an_unknown_meter_clock_offset(tmp_path, monkeypatch) -> None:
+    """A live 'meter' in a thread logs, every 20 ms, 40 W plus 150 W times the fraction of
+    its interval the device spent running decode steps, stamped on its own clock: host
+    monotonic + 1234.5 s. With ``--power-log-offset auto`` the sweep must find that offset
+    from the busy/idle pattern of its windows."""
+    import threading
+
+    from engine.backends.cpu import CpuRunner
+
+    busy = {"ns": 0, "since": None}
+    run_steps = CpuRunner.run_steps
+
+    def timed_run_steps(self, n):  # the device's activity, as a meter on it would see it
+        busy["since"] = time.monotonic_ns()
+        try:
+            return run_steps(self, n)
+        finally:
+            busy["ns"] += time.monotonic_ns() - busy["since"]
+            busy["since"] = None
+
+    def busy_ns(now_ns: int) -> int:
+        since = busy["since"]
+        return busy["ns"] + (now_ns - since if since is not None else 0)
+
+    monkeypatch.setattr(CpuRunner, "run_steps", timed_run_steps)
+    true_offset_s = -1234.5  # log time + offset = host monotonic
+    log = tmp_path / "meter.csv"
+    log.write_text("t_s,power_w\n")
+    stop = threading.Event()
+
+    def meter() -> None:
+        t_prev = time.monotonic_ns()
+        busy_prev = busy_ns(t_prev)
+        with log.open("a") as f:
+            while not stop.wait(0.02):
+                t = time.monotonic_ns()
+                b = busy_ns(t)
+                watts = 40.0 + 150.0 * min(1.0, (b - busy_prev) / (t - t_prev))
+                f.write(f"{t / 1e9 - true_offset_s:.6f},{watts:.3f}\n")
+                f.flush()
+                busy_prev, t_prev = b, t
+
+    thread = threading.Thread(target=meter, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        out = tmp_path / "run"
+        argv = ["--model", "tiny", "--batch", "4,16", "--precision", "bf16", "--power", "none"]
+        argv += ["--power-log", str(log), "--power-log-offset", "auto", "--idle", "0.5"]
+        argv += ["--warmup", "0.2", "--duration", "1.0", "--out", str(out)]
+        assert main(argv) == 0
+    finally:
+        stop.set()
+        thread.join()
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    for r in records:
+        found = r["energy"]["node_clock_offset"]
+        assert found["confidence"] >= 0.5, found
+        # The busy/idle edges are seen through 20 ms meter rows: within a few rows.
+        assert abs(found["offset_s"] - true_offset_s) <= 0.06, found
+        e = r["energy"]
+        assert e["boundary"] == "node" and e["valid"], e
+        assert 40.0 < e["avg_power_w"] <= 190.0 + e["avg_power_uncertainty_w"]

@@ -442,6 +442,10 @@ def estimate_offset(
             "the log and the reference never overlap with enough variation to correlate in "
             f"the searched offsets ({offsets[0]:.6g} .. {offsets[-1]:.6g} s)"
         )
+    # Only offsets at which the log covers (nearly) as much of the reference as it can
+    # compete: a shift that leaves most of the reference uncovered can match one part of it
+    # by chance (one repeated pattern laid over another) with a higher r.
+    r = np.where(counts >= 0.9 * counts.max(), r, np.nan)
     best = int(np.nanargmax(r))
     # A step-like reference (a busy/idle indicator) gives exactly equal r over every offset
     # that moves no log row across an edge: all of them fit the data equally, so take the

@@ -34,6 +34,7 @@ TRACE_MAX_POINTS = 2000
 DEFAULT_MAX_GAP_S = 3.0  # as InferenceX: a longer hole in a source's samples voids the point
 IDLE_MIN_S = 2.0
 IDLE_MIN_UPDATES = 20
+MIN_OFFSET_CONFIDENCE = 0.5  # correlation needed to trust an estimated meter-clock offset
 CLOCK_TOLERANCE = 0.02  # SM clocks within 2% are one operating point
 STATE_POLL_S = 0.25  # device state (clocks, throttle reasons) polled this often
 STATE_HISTORY = 1 << 14  # states kept (about an hour at 0.25 s): bounded memory
@@ -97,6 +98,77 @@ class BoundaryEnergy:
     windows: int
 
 
+class MeterLog:
+    """An external meter's log (node boundary), reread at every call since the meter keeps
+    writing. Its clock is mapped to the host's monotonic clock by a given offset, by the
+    log's epoch stamps, or (``offset_s="auto"``) by the offset that best correlates the
+    logged power with the busy/idle pattern of the windows measured so far
+    (``engine.power.replay.estimate_offset``), re-estimated at every point."""
+
+    def __init__(
+        self, path: str, offset_s: float | str | None = None, averaging_s: float | None = None
+    ) -> None:
+        self.path, self.averaging_s = path, averaging_s
+        self.auto = offset_s == "auto"
+        self.offset_s = None if self.auto else offset_s
+        self.estimate: dict | None = None
+        self.align_ns = 0.0  # the offset's uncertainty, added to the window edges' (ns)
+        log = self._load()  # fail now, once, on an unreadable log
+        self.name = log.source_info().name
+        self.period_s = log.median_interval_s  # None until the log has two rows
+
+    def _load(self):
+        from engine.power.replay import ReplayLog
+
+        return ReplayLog.load(self.path, clock_offset_s=self.offset_s)
+
+    def calibrate(self, windows_ns: list[tuple[int, int]]) -> dict:
+        """Estimate the offset from ``windows_ns`` (host ns busy spans); returns what was
+        found (offset, correlation, confidence) and uses it when the correlation is clear."""
+        from engine.power.replay import estimate_offset, indicator_from_windows
+
+        log = self._load()
+        try:
+            est = estimate_offset(log, indicator_from_windows(windows_ns))
+        except ValueError as exc:
+            self.estimate = {"offset_s": None, "reason": str(exc)}
+            return self.estimate
+        self.estimate = {
+            "offset_s": est.offset_s,
+            "correlation": est.correlation,
+            "confidence": est.confidence,
+            "log_rows_compared": est.n_points,
+            "step_s": est.step_s,
+        }
+        if est.confidence >= MIN_OFFSET_CONFIDENCE:
+            self.offset_s = est.offset_s
+            # Half the search step, and half the log's own interval (the stamps say when a
+            # row was logged, not where in its interval the power was drawn).
+            interval_s = log.median_interval_s or 0.0
+            self.align_ns = 0.5 * (est.step_s + interval_s) * 1e9
+        else:
+            self.estimate["reason"] = (
+                f"correlation {est.correlation:.2f} with the busy/idle pattern is too weak "
+                f"to place the log (needs >= {MIN_OFFSET_CONFIDENCE})"
+            )
+        return self.estimate
+
+    def __call__(self) -> Samples:
+        log = self._load()
+        if self.auto:
+            if self.offset_s is None:
+                raise ValueError(
+                    (self.estimate or {}).get("reason")
+                    or "the log's clock offset is not estimated yet (no windows measured)"
+                )
+            log = log.with_offset(self.offset_s, "estimated from the busy/idle pattern")
+        samples = log.samples
+        if self.averaging_s is not None and samples.info.quantity == "power":
+            info = dataclasses.replace(samples.info, averaging_window_s=self.averaging_s)
+            samples = Samples(info, samples.t_ns, samples.value)
+        return samples
+
+
 @dataclass
 class PowerSession:
     """Sources, sampler and idle baseline for a sweep; ``energy_for_point`` fills records.
@@ -115,6 +187,7 @@ class PowerSession:
     idle: dict = field(default_factory=dict)
     update_period_s: dict = field(default_factory=dict)
     seen_sources: dict = field(default_factory=dict)  # name -> (boundary, stated period s)
+    _busy_windows: list = field(default_factory=list)  # all windows so far, host ns
     _states: deque = field(default_factory=lambda: deque(maxlen=STATE_HISTORY))
     _watch: threading.Thread | None = None
     _watch_stop: threading.Event | None = None
@@ -131,6 +204,8 @@ class PowerSession:
         """name -> (boundary, measured else stated update period in s), the meter log's
         included once idle has been measured."""
         out = {i.name: (i.boundary, i.update_period_s) for i in self.infos}
+        if isinstance(self.node_log, MeterLog) and self.node_log.period_s:
+            out[self.node_log.name] = ("node", self.node_log.period_s)
         out.update(self.seen_sources)
         for name, period in self.update_period_s.items():
             if name in out:
@@ -341,6 +416,14 @@ class PowerSession:
         margin_ns = int(max(self.max_gap_s, 2 * (self.slowest_update_period_s() or 0.1)) * 1e9)
         t_lo, t_hi = int(start_ns.min()) - margin_ns, int(end_ns.max()) + margin_ns
         reasons: list[str] = []
+        node_clock = None
+        if isinstance(self.node_log, MeterLog) and self.node_log.auto:
+            # Busy: the warm-up (from the point's start to its first window) and the windows;
+            # idle: the pauses between windows and the time between points.
+            if point_t0_ns is not None and point_t0_ns < int(start_ns.min()):
+                self._busy_windows.append((int(point_t0_ns), int(start_ns.min())))
+            self._busy_windows += list(zip(start_ns.tolist(), end_ns.tolist()))
+            node_clock = self.node_log.calibrate(self._busy_windows)
         samples = self._samples(t_lo, t_hi, reasons)
 
         per_source: list[dict] = []
@@ -355,7 +438,10 @@ class PowerSession:
                 "update_period_s": self.update_period_s.get(s.info.name),
             }
             try:
-                we = attribute(s, start_ns, end_ns, align_ns=align_ns, max_gap_s=self.max_gap_s)
+                align = align_ns
+                if s.info.boundary == "node" and isinstance(self.node_log, MeterLog):
+                    align = max(align_ns, self.node_log.align_ns)
+                we = attribute(s, start_ns, end_ns, align_ns=align, max_gap_s=self.max_gap_s)
             except ValueError as exc:
                 entry.update(valid=False, reason=str(exc))
                 per_source.append(entry)
@@ -406,6 +492,8 @@ class PowerSession:
             step_s,
             scaled_from_layers,
         )
+        if node_clock is not None:
+            block["node_clock_offset"] = node_clock
         if self.sampler is not None:
             # The sampler's own achieved rate and cost, cumulative since the sweep began.
             try:
@@ -598,7 +686,7 @@ def null_energy(reason: str) -> dict:
 def open_session(
     power: str = "auto",
     power_log: str | None = None,
-    power_log_offset_s: float | None = None,
+    power_log_offset_s: float | str | None = None,
     power_log_averaging_s: float | None = None,
     gpu_index: int | None = None,
     gpu_pci_bus_id: str | None = None,
@@ -611,7 +699,8 @@ def open_session(
     ``gpu_index`` (NVML's numbering) keeps only the GPU sources of the device the backend
     runs on; ``gpu_pci_bus_id`` finds that index from the device's PCI bus id, which is
     what to pass for a CUDA device (None for both: every GPU's sources are kept).
-    ``power_log`` is an external meter's log (node boundary), reread at every point;
+    ``power_log`` is an external meter's log (node boundary), reread at every point, its
+    clock mapped by ``power_log_offset_s`` (s, or "auto": estimated; see ``MeterLog``);
     ``power_log_averaging_s`` the span each of its power values averages, as the meter's
     manual states it (None: unknown, so each value is taken as an instantaneous reading,
     which sees almost none of the time and makes the uncertainty wide).
@@ -639,17 +728,7 @@ def open_session(
         sources = keep
     node_log = None
     if power_log:
-        from engine.power.replay import ReplayLog
-
-        def node_log() -> Samples:
-            samples = ReplayLog.load(power_log, clock_offset_s=power_log_offset_s).samples
-            if power_log_averaging_s is not None and samples.info.quantity == "power":
-                info = dataclasses.replace(samples.info, averaging_window_s=power_log_averaging_s)
-                samples = Samples(info, samples.t_ns, samples.value)
-            return samples
-
-        # Fail now, once, rather than at every point (a relative-time log needs an offset).
-        node_log()
+        node_log = MeterLog(power_log, power_log_offset_s, power_log_averaging_s)
 
     for reason in reasons:
         log(f"power: {reason}")
