@@ -162,8 +162,10 @@ class _Spans:
     resolution_j: float  # energy per window from counter quantisation (J)
 
 
-def _updates(samples: Samples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sensor update instants (float ns), their timing half-widths (ns), and values."""
+def sensor_updates(samples: Samples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sensor update instants (float ns, strictly increasing), their timing half-widths
+    (ns), and values: sensor-stamped samples as they are; in poll-stamped ones each value
+    change, placed half-way between the two polls around it."""
     t_ns = samples.t_ns
     v = samples.value
     if samples.info.stamped_by == "sensor":
@@ -183,7 +185,7 @@ def _updates(samples: Samples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _spans(samples: Samples, max_gap_s: float) -> _Spans:
     info = samples.info
-    u, d, v = _updates(samples)
+    u, d, v = sensor_updates(samples)
     res = float(info.resolution or 0.0)
     max_gap_ns = max_gap_s * NS_PER_S
     if info.quantity == "energy" and info.averaging_window_s is None:

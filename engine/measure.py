@@ -8,8 +8,8 @@ Protocol (docs/methodology.md states it for readers):
    ``steady_tolerance`` and the SM clock did not change between them, or until
    ``max_warmup_s`` (then the point is flagged ``not_steady``).
 2. Measure: ``repetitions`` windows of back-to-back steps that together last at least
-   ``duration_s`` and, with a power source, at least ``min_sensor_updates`` updates of the
-   slowest source. Between windows the device pauses for a random 3 to 4 update periods:
+   ``duration_s`` and, with a power source, at least ``min_sensor_updates`` updates of
+   each boundary's fastest source (``PowerSession.protocol_update_period_s``). Between windows the device pauses for a random 3 to 4 update periods:
    a sampling sensor then sees a different phase of the step in each window, and each
    pause is long enough for the sensor to see the idle level on its own, which the energy
    attribution needs to split the update spans that straddle a window edge.
@@ -303,7 +303,8 @@ def measure_point(
     state_before = power.device_state_now() if power is not None else None
     point_t0_ns = time.monotonic_ns()
     try:
-        progress(f"warming up {protocol.warmup_s:g} s" + (" + until steady" if power else ""))
+        until_steady = " + until steady" if power is not None and power.active else ""
+        progress(f"warming up {protocol.warmup_s:g} s{until_steady}")
         warm, steady = _warm_up(runner, protocol, power, progress, ranks)
         guess = float(np.mean(warm.end_ns - warm.start_ns)) / 1e9
         reps = max(1, protocol.repetitions)

@@ -24,10 +24,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from engine.power.session import FIGURE_KEYS
+from engine.power.session import FIGURE_KEYS, PRIMARY_ORDER, null_energy
 from engine.dist.sync import Offsets, barrier_skew, common_windows
 
-PRIMARY_ORDER = ("gpu-board", "gpu-module", "cpu-package", "node")
 
 
 def _get(d: dict | None, *path: str):
@@ -127,13 +126,8 @@ def merge_energy(
                 if blk and blk.get("reason")
             ]
         )
-        block = {k: None for k in FIGURE_KEYS}
-        block.update(
-            boundary=None,
-            valid=False,
-            flags=flags,
-            reason="; ".join(reasons + rank_reasons) or "no power source on any rank",
-        )
+        block = null_energy("; ".join(reasons + rank_reasons) or "no power source on any rank")
+        block["flags"] = flags
     else:
         block = {k: by_boundary[primary].get(k) for k in FIGURE_KEYS}
         block.update(

@@ -30,6 +30,8 @@ import numpy as np
 from engine.power.base import PowerSource, Samples, SourceInfo
 
 NO_SOURCE_REASON = "no power source on this machine"
+# The boundary a point's headline figures are given at: the first of these it has.
+PRIMARY_ORDER = ("gpu-board", "gpu-module", "cpu-package", "node")
 TRACE_MAX_POINTS = 2000
 DEFAULT_MAX_GAP_S = 3.0  # as InferenceX: a longer hole in a source's samples voids the point
 IDLE_MIN_S = 2.0
@@ -50,36 +52,30 @@ def _range(values) -> list | None:
 
 
 def observed_update_period_s(samples: Samples) -> float | None:
-    """The sensor's update period seen in ``samples`` (s): the median time between value
-    changes for polled sources, the median stamp interval for sensor-stamped ones."""
-    if samples.t_ns.size < 3:
+    """The sensor's update period seen in ``samples`` (s): the median time between its
+    updates (value changes of a polled source, stamps of a sensor-stamped one)."""
+    from engine.energy import sensor_updates
+
+    u_ns, _, _ = sensor_updates(samples)
+    if u_ns.size < 3:
         return None
-    if samples.info.stamped_by == "sensor":
-        gaps = np.diff(samples.t_ns)
-    else:
-        changed = np.flatnonzero(np.diff(samples.value) != 0) + 1
-        if changed.size < 3:
-            return None
-        gaps = np.diff(samples.t_ns[changed])
-    gaps = gaps[gaps > 0]
-    return float(np.median(gaps)) / 1e9 if gaps.size else None
+    return float(np.median(np.diff(u_ns))) / 1e9
 
 
 def trace_power_w(
     samples: Samples, max_points: int = TRACE_MAX_POINTS
 ) -> tuple[np.ndarray, np.ndarray]:
     """A power-over-time trace (t_ns, W) from any source, for plots: power readings as they
-    are, energy counters as the power between successive value changes; thinned by taking
+    are, energy counters as the power between successive updates; thinned by taking
     every k-th point (never averaged, so what is shown was seen)."""
     t, v = samples.t_ns, samples.value
     if samples.info.quantity == "energy":
-        keep = np.concatenate([[0], np.flatnonzero(np.diff(v) != 0) + 1]) if v.size else v
-        t, v = t[keep], v[keep]
-        if t.size < 2:
+        from engine.energy import sensor_updates
+
+        u_ns, _, e_j = sensor_updates(samples)
+        if u_ns.size < 2:
             return np.empty(0, np.int64), np.empty(0)
-        dt_s = np.diff(t) / 1e9
-        ok = dt_s > 0
-        t, v = t[1:][ok], (np.diff(v)[ok] / dt_s[ok])
+        t, v = u_ns[1:].astype(np.int64), np.diff(e_j) / (np.diff(u_ns) / 1e9)
     step = max(1, math.ceil(t.size / max_points))
     return t[::step], v[::step]
 
@@ -247,14 +243,15 @@ class PowerSession:
         """Average power (W) over [t0_ns, t1_ns] from the first source with enough samples:
         a counter's energy difference over time, or the mean of power readings. Used only
         to judge steadiness during warm-up, never reported."""
+        from engine.energy import sensor_updates
+
         for s in self._samples(t0_ns, t1_ns):
             if s.t_ns.size < 2:
                 continue
             if s.info.quantity == "energy":
-                changed = np.flatnonzero(np.diff(s.value) != 0) + 1
-                if changed.size >= 2:
-                    a, b = changed[0], changed[-1]
-                    return float((s.value[b] - s.value[a]) / ((s.t_ns[b] - s.t_ns[a]) / 1e9))
+                u_ns, _, e_j = sensor_updates(s)
+                if u_ns.size >= 2:
+                    return float((e_j[-1] - e_j[0]) / ((u_ns[-1] - u_ns[0]) / 1e9))
             else:
                 return float(np.mean(s.value))
         return None
@@ -307,7 +304,7 @@ class PowerSession:
             return None
         t0 = (before or {}).get("t_ns", 0)
         t1 = (after or {}).get("t_ns", time.monotonic_ns())
-        during = [st for st in list(self._states) if st and t0 <= st.get("t_ns", -1) <= t1]
+        during = self.state_series(t0, t1)
         states = [st for st in (before, *during, after) if st]
         seen = set()
         for state in states:
@@ -557,7 +554,7 @@ class PowerSession:
         for name, b in by_boundary.items():
             boundaries[name] = self._figures(b, window_s, tokens_per_step, step_s)
         primary = next(
-            (b for b in ("gpu-board", "gpu-module", "cpu-package", "node") if b in boundaries),
+            (b for b in PRIMARY_ORDER if b in boundaries),
             next(iter(boundaries), None),
         )
         flags = []
@@ -572,9 +569,8 @@ class PowerSession:
                 )
         if primary is None:
             why = [e["name"] + ": " + e["reason"] for e in per_source if e.get("reason")]
-            reason = "; ".join(why + reasons + self.reasons) or NO_SOURCE_REASON
-            block = {k: None for k in FIGURE_KEYS}
-            block.update(boundary=None, valid=False, flags=flags, reason=reason)
+            block = null_energy("; ".join(why + reasons + self.reasons) or NO_SOURCE_REASON)
+            block["flags"] = flags
         else:
             block = dict(boundaries[primary])
             block.update(boundary=primary, valid=True, flags=flags, reason=None)
