@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -109,14 +110,24 @@ class MeterLog:
         self.offset_s = None if self.auto else offset_s
         self.estimate: dict | None = None
         self.align_ns = 0.0  # the offset's uncertainty, added to the window edges' (ns)
+        self._cache: tuple | None = None
         log = self._load()  # fail now, once, on an unreadable log
         self.name = log.source_info().name
         self.period_s = log.median_interval_s  # None until the log has two rows
 
     def _load(self):
+        """The log as it is now; parsed again only when the file changed (size or mtime), so
+        calibrating and reading it at the same point, or at every warm-up span, parse once."""
         from engine.power.replay import ReplayLog
 
-        return ReplayLog.load(self.path, clock_offset_s=self.offset_s)
+        try:
+            stat = os.stat(self.path)
+        except OSError:  # the loader says what is wrong, in one line
+            return ReplayLog.load(self.path, clock_offset_s=self.offset_s)
+        key = (stat.st_size, stat.st_mtime_ns, self.offset_s)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, ReplayLog.load(self.path, clock_offset_s=self.offset_s))
+        return self._cache[1]
 
     def calibrate(self, windows_ns: list[tuple[int, int]]) -> dict:
         """Estimate the offset from ``windows_ns`` (host ns busy spans); returns what was
