@@ -9,6 +9,7 @@ rewritten from the JSON Lines after each append via a temporary file and a renam
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -17,6 +18,41 @@ from pathlib import Path
 SCHEMA = "tpj.record/1"
 RECORDS = "records.jsonl"
 CSV = "results.csv"
+
+
+def record_header(
+    key: str,
+    *,
+    backend: str,
+    note: str,
+    point: dict,
+    spec,
+    protocol,
+    seed: int,
+    peaks,
+    provenance: dict | None,
+    status: str = "ok",
+    error: str | None = None,
+    **scope,
+) -> dict:
+    """The fields every record of a point starts with: its key and status, ``scope`` fields
+    (e.g. a rank's ``scope`` and ``cluster_key``), what ran it and how (backend, point, model
+    spec, protocol, seed, measured peaks or None, provenance)."""
+    return {
+        "key": key,
+        "status": status,
+        "error": error,
+        **scope,
+        "backend": backend,
+        "backend_note": note,
+        "point": point,
+        "model_spec": dataclasses.asdict(spec),
+        "protocol": dataclasses.asdict(protocol),
+        "seed": seed,
+        "peaks": None if peaks is None else peaks.to_dict(),
+        "provenance": provenance,
+    }
+
 
 # Flat columns of the CSV: (column, path into the record).
 CSV_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (

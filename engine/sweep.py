@@ -13,7 +13,6 @@ ranks' own records under ``OUT/ranks/``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import os
 import sys
@@ -32,7 +31,7 @@ from engine.power.base import SourceError
 from engine.power.session import open_session
 from engine.precision import PRESETS, PrecisionError, parse_precision
 from engine.provenance import provenance
-from engine.results import ResultsError, ResultStore
+from engine.results import ResultsError, ResultStore, record_header
 from engine.routing import RoutingError, parse_routing
 from engine.table import summary_table
 
@@ -502,20 +501,18 @@ def _run_points(args, backend, note, todo, spec_by_name, protocol, power, store)
                 per = (time.monotonic() - t_start) / (i - 1)
                 eta = f" (about {per * (len(todo) - i + 1):.0f} s left)"
             log(label + eta)
-            record = {
-                "key": f"{backend_key}|{point.key()}",
-                "status": "ok",
-                "error": None,
-                "backend": backend_key,
-                "backend_note": note,
-                "point": point.to_dict(),
-                "model_spec": dataclasses.asdict(spec),
-                "protocol": dataclasses.asdict(protocol),
-                "seed": args.seed,
-                "peaks": peaks.to_dict(),
-                "provenance": prov,
-                "idle": idle,
-            }
+            record = record_header(
+                f"{backend_key}|{point.key()}",
+                backend=backend_key,
+                note=note,
+                point=point.to_dict(),
+                spec=spec,
+                protocol=protocol,
+                seed=args.seed,
+                peaks=peaks,
+                provenance=prov,
+            )
+            record["idle"] = idle
             try:
                 plan = build_plan(spec, point)
                 record["plan"] = plan.totals()

@@ -37,6 +37,7 @@ from engine.dist import (
     token_share,
 )
 from engine.point import Point
+from engine.results import record_header
 
 RANKS_DIR = "ranks"  # the ranks' own records, beside the merged ones
 INFLIGHT = "inflight.json"
@@ -267,22 +268,20 @@ def _measure_rank(
     rank = comm.rank
     rank_point = dataclasses.replace(point, rank=rank)
     where = layout(rank, point.tp, point.ep)
-    record = {
-        "key": f"{backend.name}|{rank_point.key()}",
-        "status": "ok",
-        "error": None,
-        "scope": "rank",
-        "cluster_key": cluster_key(backend.name, point),
-        "backend": backend.name,
-        "backend_note": note,
-        "point": rank_point.to_dict(),
-        "model_spec": dataclasses.asdict(spec),
-        "protocol": dataclasses.asdict(protocol),
-        "seed": args.seed,
-        "peaks": peaks.to_dict(),
-        "provenance": prov,
-        "idle": idle,
-    }
+    record = record_header(
+        f"{backend.name}|{rank_point.key()}",
+        scope="rank",
+        cluster_key=cluster_key(backend.name, point),
+        backend=backend.name,
+        note=note,
+        point=rank_point.to_dict(),
+        spec=spec,
+        protocol=protocol,
+        seed=args.seed,
+        peaks=peaks,
+        provenance=prov,
+    )
+    record["idle"] = idle
     ctx = PointContext(
         groups=groups,
         offsets=offsets,
@@ -332,21 +331,21 @@ def _write(
     is every rank's (outcome, record), or None when a rank was lost (``lost_reason``)."""
     from engine.dist.cluster import merge_ranks, merge_status
 
-    merged = {
-        "key": key,
-        "status": "failed",
-        "error": lost_reason,
-        "scope": "cluster",
-        "world_size": None,
-        "backend": backend_key,
-        "backend_note": note,
-        "point": _cluster_point(point),
-        "model_spec": dataclasses.asdict(spec),
-        "protocol": dataclasses.asdict(protocol),
-        "seed": args.seed,
-        "peaks": None if peaks is None else peaks.to_dict(),
-        "provenance": prov,
-    }
+    merged = record_header(
+        key,
+        status="failed",
+        error=lost_reason,
+        scope="cluster",
+        world_size=None,
+        backend=backend_key,
+        note=note,
+        point=_cluster_point(point),
+        spec=spec,
+        protocol=protocol,
+        seed=args.seed,
+        peaks=peaks,
+        provenance=prov,
+    )
     answered = [g for g in (gathered or []) if g is not None]
     records = [rec for _, rec in answered]
     if gathered is not None:
