@@ -27,7 +27,7 @@ import time
 from types import ModuleType
 
 from engine.power.base import PowerSource, SourceError, SourceInfo
-from engine.power.library import SharedLibrary
+from engine.power.library import SharedLibrary, open_channel
 
 NOMINAL_UPDATE_PERIOD_S = 1e-3  # "cached by the driver at most every 1 ms"
 POWER_KEYS = ("socket_power", "current_socket_power", "average_socket_power")
@@ -195,18 +195,16 @@ def discover() -> tuple[list[PowerSource], list[str]]:
             return [], ["AMD SMI: no AMD GPU found"]
         for index, handle in enumerate(handles):
             for label, cls in (("energy", AmdSmiEnergySource), ("power", AmdSmiPowerSource)):
-                source = None
-                try:
-                    source = cls(index, handle)
-                    source.read()
-                except SourceError as exc:
-                    if source is not None:
-                        source.close()
-                    prefix = f"AMD SMI GPU {index}: "
-                    text = str(exc).removeprefix(prefix)
-                    reasons.append(f"{prefix}{label} unavailable: {text}")
-                    continue
-                sources.append(source)
+                source, reason = open_channel(
+                    lambda cls=cls, index=index, handle=handle: cls(index, handle),
+                    lambda s: s.read(),
+                    f"AMD SMI GPU {index}: ",
+                    label,
+                )
+                if source is None:
+                    reasons.append(reason)
+                else:
+                    sources.append(source)
         return sources, reasons
     finally:
         shutdown()

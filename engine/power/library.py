@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from types import ModuleType
 
-from engine.power.base import SourceError
+from engine.power.base import PowerSource, SourceError
 
 
 class SharedLibrary:
@@ -58,3 +58,24 @@ class SharedLibrary:
             if self.refs == 0:
                 with contextlib.suppress(Exception):
                     self._shut_down(self.module)
+
+
+def open_channel(
+    make: Callable[[], PowerSource],
+    probe: Callable[[PowerSource], object],
+    prefix: str,
+    label: str,
+) -> tuple[PowerSource | None, str | None]:
+    """Build one channel of a device and read it once, so that discovery keeps only what
+    works: the source, or None and the one-line reason ``"{prefix}{label} unavailable: ..."``
+    (``prefix`` names the device, e.g. "NVML GPU 0: ", and is not repeated from the error).
+    A channel that fails its probe is closed."""
+    source = None
+    try:
+        source = make()
+        probe(source)
+    except SourceError as exc:
+        if source is not None:
+            source.close()
+        return None, f"{prefix}{label} unavailable: {str(exc).removeprefix(prefix)}"
+    return source, None

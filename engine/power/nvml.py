@@ -35,7 +35,7 @@ from types import ModuleType
 import numpy as np
 
 from engine.power.base import PowerSource, SourceError, SourceInfo
-from engine.power.library import SharedLibrary
+from engine.power.library import SharedLibrary, open_channel
 from engine.power.probe import wall_to_monotonic_offset_ns
 
 FIELD_POWER_INSTANT = 186  # NVML_FI_DEV_POWER_INSTANT, for bindings too old to name it
@@ -513,18 +513,16 @@ def discover() -> tuple[list[PowerSource], list[str]]:
             return [], ["NVML: no NVIDIA GPU found"]
         for index in range(count):
             for label, make in SOURCE_KINDS:
-                source = None
-                try:
-                    source = make(index)
-                    _probe(source)
-                except SourceError as exc:
-                    if source is not None:
-                        source.close()
-                    prefix = f"NVML GPU {index}: "
-                    text = str(exc).removeprefix(prefix)
-                    reasons.append(f"{prefix}{label} unavailable: {text}")
-                    continue
-                sources.append(source)
+                source, reason = open_channel(
+                    lambda make=make, index=index: make(index),
+                    _probe,
+                    f"NVML GPU {index}: ",
+                    label,
+                )
+                if source is None:
+                    reasons.append(reason)
+                else:
+                    sources.append(source)
         return sources, reasons
     finally:
         shutdown()
