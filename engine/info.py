@@ -12,27 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
-from pathlib import Path
 
 from engine.backends import cuda_unavailable_reason
 from engine.power import nvml
 from engine.power.base import PowerSource
 from engine.power.discover import CHOICES, discover_sources
 from engine.power.probe import measure_buffered_rate, measure_update_period
-from engine.provenance import host_info, library_versions
-
-
-def cpu_model() -> str | None:
-    """The CPU's model name (from /proc/cpuinfo on Linux), None when unknown."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
+from engine.provenance import cpu_name, host_info, library_versions
 
 
 def cuda_devices() -> dict:
@@ -93,7 +80,7 @@ def collect(spec: str = "auto", power_log: str | None = None, probe_seconds: flo
         for source in sources:
             source.close()
     return {
-        "host": {**host_info(), "cpu": cpu_model(), "logical_cpus": os.cpu_count()},
+        "host": {**host_info(), "cpu": cpu_name(), "logical_cpus": os.cpu_count()},
         "libraries": library_versions(),
         "cuda": cuda_devices(),
         "power_sources": entries,

@@ -62,6 +62,18 @@ def library_versions() -> dict:
     return versions
 
 
+def cpu_name() -> str:
+    """The CPU's model name as the OS reports it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def host_info() -> dict:
     """The host: name, OS, Python."""
     return {

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import time
 
 import ml_dtypes
@@ -31,6 +30,7 @@ from engine.backends.base import Backend, Runner, StepWindows
 from engine.formats import fake_quantize_activation
 from engine.plan import Plan, build_plan
 from engine.precision import Precision
+from engine.provenance import cpu_name
 from engine.roofline import Peaks
 from engine.routing import inclusion_probabilities, sample_assignments
 from engine.weights import EMBED_LAYER, KVCache, kv_cache, layer_class, layer_weights
@@ -55,18 +55,6 @@ def available_memory_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def cpu_name() -> str:
-    """The CPU's model name as the OS reports it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def encode_kv(x: np.ndarray, fmt: str, scale: float) -> np.ndarray:
